@@ -9,15 +9,15 @@ canonical int the index uses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
-BlockHash = Union[int, bytes]
+BlockHash = int | bytes
 
 
 def engine_key(block_hash: BlockHash) -> int:
     """Canonical engine key of a wire hash: the int itself, or the last 8 bytes big-endian."""
     if block_hash.__class__ is int:
-        return block_hash  # type: ignore[return-value]
+        return block_hash
     return int.from_bytes(block_hash[-8:], "big")  # type: ignore[index]
 
 
@@ -58,7 +58,7 @@ class AllBlocksCleared:
     """The engine reset its prefix cache; everything known for the pod is gone."""
 
 
-KVEvent = Union[BlockStored, BlockRemoved, AllBlocksCleared]
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 @dataclass(slots=True)
