@@ -368,7 +368,9 @@ class PrefixIndex:
             logger.warning(
                 "pod %s: engine block size %d and index block size %d do not divide each "
                 "other; set index.block_size to a divisor or multiple of vLLM's block size",
-                pod, size, index_size,
+                pod,
+                size,
+                index_size,
             )
             return
         parent = event.parent_block_hash
@@ -786,8 +788,13 @@ class PrefixIndex:
                 current = results.get(pod)
                 if current is None or weighted > current.weighted_blocks:
                     results[pod] = PrefixMatch(
-                        pod, depth, total, self.block_size, weighted,
-                        {k: v for k, v in tiers.items() if v}, rank,
+                        pod,
+                        depth,
+                        total,
+                        self.block_size,
+                        weighted,
+                        {k: v for k, v in tiers.items() if v},
+                        rank,
                     )
         for pod in wanted:
             if pod not in results:

@@ -44,9 +44,7 @@ def token_bytes(token_ids: Sequence[int]) -> bytes:
     try:
         return array("I", token_ids).tobytes()
     except (OverflowError, TypeError) as exc:
-        raise KVAwareError(
-            f"token ids must be integers in [0, 2**32): {exc}"
-        ) from exc
+        raise KVAwareError(f"token ids must be integers in [0, 2**32): {exc}") from exc
 
 
 def block_extras(
@@ -64,9 +62,7 @@ def block_extras(
     for item in sorted(mm_items, key=lambda m: (m.offset, m.identifier)):
         block, rel = divmod(item.offset, block_size)
         if 0 <= block < num_blocks:
-            parts.setdefault(block, []).append(
-                b"m%s\x00%d\x00" % (item.identifier.encode(), rel)
-            )
+            parts.setdefault(block, []).append(b"m%s\x00%d\x00" % (item.identifier.encode(), rel))
     if embed_digests:
         for block, digest in enumerate(embed_digests[:num_blocks]):
             parts.setdefault(block, []).append(b"e" + digest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -23,7 +24,9 @@ def _scenario_request(case: dict[str, Any], index: PrefixIndex, model: str) -> l
         model,
         lora_name=lora["lora_name"] if lora else None,
         cache_salt=inputs["cache_salt"],
-        mm_items=[MultiModalItem(m["identifier"], m["offset"], m["length"]) for m in inputs["mm_features"]],
+        mm_items=[
+            MultiModalItem(m["identifier"], m["offset"], m["length"]) for m in inputs["mm_features"]
+        ],
     )
 
 
@@ -153,7 +156,9 @@ def test_placeholder_store_adds_tier_and_removal_keeps_other_tier() -> None:
 
 
 def test_named_tier_and_weights_config() -> None:
-    index = PrefixIndex(block_size=16, default_model="m", tier_weights={"gpu": 1.0, "storage": 0.25})
+    index = PrefixIndex(
+        block_size=16, default_model="m", tier_weights={"gpu": 1.0, "storage": 0.25}
+    )
     tokens, hashes = _chain(2)
     index.apply("a", [stored(hashes, tokens, medium="STORAGE")])
     result = index.match(index.keys(tokens, "m"))["a"]
@@ -172,11 +177,17 @@ def test_engine_and_index_block_sizes_may_differ(engine: int, index_size: int) -
     index = PrefixIndex(block_size=index_size, default_model="m")
     # Deliver the chain in uneven events, each with its parent.
     cut = [0, 1, 4, n]
-    for lo, hi in zip(cut, cut[1:], strict=False):
+    for lo, hi in itertools.pairwise(cut):
         index.apply(
             "a",
-            [stored(hashes[lo:hi], tokens[lo * engine : hi * engine], block_size=engine,
-                    parent=hashes[lo - 1] if lo else None)],
+            [
+                stored(
+                    hashes[lo:hi],
+                    tokens[lo * engine : hi * engine],
+                    block_size=engine,
+                    parent=hashes[lo - 1] if lo else None,
+                )
+            ],
         )
     keys = index.keys(tokens, "m")
     assert index.match(keys)["a"].matched_blocks == len(tokens) // index_size
@@ -247,8 +258,14 @@ def test_dp_ranks_report_best_rank() -> None:
 def test_lora_and_salt_namespaces() -> None:
     index = PrefixIndex(block_size=16, default_model="base")
     tokens, hashes = _chain(2)
-    index.apply("a", [stored(hashes, tokens, lora_name="sql", lora_id=1,
-                             extra_keys=[["sql", "salt-1"], ["sql"]])])
+    index.apply(
+        "a",
+        [
+            stored(
+                hashes, tokens, lora_name="sql", lora_id=1, extra_keys=[["sql", "salt-1"], ["sql"]]
+            )
+        ],
+    )
     assert index.match(index.keys(tokens, "base"))["a"].matched_blocks == 0
     assert index.match(index.keys(tokens, "base", lora_name="sql"))["a"].matched_blocks == 0
     keys = index.keys(tokens, "base", lora_name="sql", cache_salt="salt-1")
@@ -262,10 +279,22 @@ def test_capacity_evicts_oldest_entries_of_that_pod_only() -> None:
     tokens, hashes = _chain(100, seed=1)
     index.set_pod("small", capacity=32)
     for i in range(100):
-        index.apply("small", [stored([hashes[i]], tokens[i * 16 : (i + 1) * 16],
-                                     parent=hashes[i - 1] if i else None)])
-        index.apply("big", [stored([hashes[i]], tokens[i * 16 : (i + 1) * 16],
-                                   parent=hashes[i - 1] if i else None)])
+        index.apply(
+            "small",
+            [
+                stored(
+                    [hashes[i]], tokens[i * 16 : (i + 1) * 16], parent=hashes[i - 1] if i else None
+                )
+            ],
+        )
+        index.apply(
+            "big",
+            [
+                stored(
+                    [hashes[i]], tokens[i * 16 : (i + 1) * 16], parent=hashes[i - 1] if i else None
+                )
+            ],
+        )
     stats = index.stats()
     assert stats["pod_blocks"]["small"] <= 32
     assert stats["pod_blocks"]["big"] <= 64
@@ -328,7 +357,9 @@ def test_orphan_buffer_is_bounded() -> None:
     index = PrefixIndex(block_size=16, default_model="m", max_orphan_blocks=4)
     tokens, hashes = _chain(10)
     for i in range(1, 10):
-        index.apply("a", [stored([hashes[i]], tokens[i * 16 : (i + 1) * 16], parent=hashes[i - 1] + 1)])
+        index.apply(
+            "a", [stored([hashes[i]], tokens[i * 16 : (i + 1) * 16], parent=hashes[i - 1] + 1)]
+        )
     assert index.stats()["orphans_pending"] <= 4
     assert index.counters["orphans_dropped"] == 5
 

@@ -1,0 +1,53 @@
+"""The ``kvaware-scorer`` console script: one subcommand per module in ``commands/``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# subcommand -> (module, one-line help). Modules are imported only when used.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "hash": ("kvaware_scorer.commands.hash_cmd", "compute vLLM's block hashes for tokens"),
+    "decode": ("kvaware_scorer.commands.decode_cmd", "decode KV-event messages given as hex"),
+    "listen": ("kvaware_scorer.commands.listen_cmd", "print live KV events and index stats"),
+    "selfcheck": (
+        "kvaware_scorer.commands.selfcheck_cmd",
+        "run publishers, listener, index and scoring end to end on loopback",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvaware-scorer",
+        description="KV-cache-aware routing for vLLM fleets.",
+    )
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=module.__doc__)
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args._run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
