@@ -35,6 +35,7 @@ import zmq
 from kvaware_scorer.endpoints import parse_topic, rank_endpoint
 from kvaware_scorer.errors import ConfigError, KVAwareError, WireError
 from kvaware_scorer.events import BlockStored, EventBatch
+from kvaware_scorer.hash_check import HashCheck
 from kvaware_scorer.index import PrefixIndex
 from kvaware_scorer.ratelimit import RateLimitedLogger
 from kvaware_scorer.wire import DEFAULT_MAX_PAYLOAD_BYTES, END_SEQ, decode_frames, decode_payload
@@ -107,7 +108,7 @@ class KVEventListener:
         max_message_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         poll_interval_ms: int = 50,
         on_batch: BatchCallback | None = None,
-        hash_check: Any = None,
+        hash_check: HashCheck | None = None,
         hash_check_interval_s: float = 60.0,
         log_interval_s: float = 10.0,
     ) -> None:
@@ -466,22 +467,22 @@ class KVEventListener:
             self.index.apply(stream.pod, batch.events, rank=stream.rank)
             self._count("events_applied", len(batch.events))
             if self._hash_check is not None:
-                self._maybe_check_hashes(stream.pod, batch)
+                self._maybe_check_hashes(self._hash_check, stream.pod, batch)
         if self._on_batch is not None:
             try:
                 self._on_batch(stream.pod, stream.rank, seq, batch)
             except Exception:
                 logger.exception("on_batch callback failed")
 
-    def _maybe_check_hashes(self, pod: str, batch: EventBatch) -> None:
+    def _maybe_check_hashes(self, checker: HashCheck, pod: str, batch: EventBatch) -> None:
         now = time.monotonic()
         if now < self._next_hash_check.get(pod, 0.0):
             return
         for event in batch.events:
-            if event.__class__ is not BlockStored:
+            if not isinstance(event, BlockStored):
                 continue
             try:
-                result = self._hash_check.check(event)
+                result = checker.check(event)
             except Exception as exc:
                 self._warn.warning(f"{pod}:hash_check", "hash check failed for %s: %s", pod, exc)
                 return

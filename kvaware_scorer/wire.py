@@ -81,11 +81,12 @@ _U64_LIMIT: Final[int] = 2**64
 _MIN_HASH_BYTES: Final[int] = 8
 
 # --------------------------------------------------------------------------------------
-# Typed fast path (msgspec Structs). The checks here must accept exactly what the generic
-# path below accepts; tests/test_wire.py checks the two paths against each other.
+# Typed decoding (msgspec Structs). These structs alone decide what is accepted; the Python
+# check of the slow path below only names the reason of a refusal, so it must refuse
+# exactly what they refuse (tests/test_wire.py checks that the two agree).
 # --------------------------------------------------------------------------------------
 
-_Hash: TypeAlias = Annotated[int, Meta(ge=0)] | Annotated[bytes, Meta(min_length=8)]
+_Hash: TypeAlias = Annotated[int, Meta(ge=0)] | Annotated[bytes, Meta(min_length=_MIN_HASH_BYTES)]
 _NonNegInt: TypeAlias = Annotated[int, Meta(ge=0)]
 
 

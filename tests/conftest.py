@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFORMANCE_FILE = Path(
-    os.environ.get("KVAWARE_CONFORMANCE_DIR", str(ROOT.parent / "shared" / "conformance"))
-) / "vllm_vectors.json"
+CONFORMANCE_FILE = (
+    Path(os.environ.get("KVAWARE_CONFORMANCE_DIR", str(ROOT.parent / "shared" / "conformance")))
+    / "vllm_vectors.json"
+)
 
 _cache: dict[str, Any] = {}
 

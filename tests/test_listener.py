@@ -361,3 +361,51 @@ def test_construction_has_no_side_effects(index: PrefixIndex) -> None:
     KVEventListener(index, bind=["tcp://127.0.0.1:0"])
     EventPublisher("tcp://127.0.0.1:0", bind=True)
     assert set(threading.enumerate()) == before
+
+
+def test_hash_settings_mismatch_is_diagnosed(
+    vectors: dict[str, Any],
+    index: PrefixIndex,
+    cleanup: list[Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from builders import event_from_json
+
+    from kvaware_scorer.hash_check import HashCheck
+    from kvaware_scorer.vllm_hash import VllmHashSettings
+
+    case = next(
+        c
+        for c in vectors["hash_cases"]
+        if c["inputs"]["hash_algo"] == "sha256_cbor"
+        and c["inputs"]["pythonhashseed"] == "0"
+        and c["inputs"]["block_size"] == 16
+        and not c["inputs"]["lora"]
+        and not c["inputs"]["mm_features"]
+        and not c["inputs"]["cache_salt"]
+        and c["inputs"].get("num_hash_lookahead_tokens", 0) == 0
+        and c["expected"].get("block_stored_event")
+    )
+    event = event_from_json(case["expected"]["block_stored_event"])
+    wrong = HashCheck(VllmHashSettings(hash_algo="sha256", pythonhashseed="0", block_size=16))
+    listener = KVEventListener(index, bind=["tcp://127.0.0.1:0"], hash_check=wrong)
+    listener.start()
+    cleanup.append(listener)
+    pub = EventPublisher(listener.bound_endpoints[0], topic="kv@pod-h@m")
+    pub.start()
+    cleanup.append(pub)
+    assert pub.wait_subscribed()
+    with caplog.at_level("WARNING", logger="kvaware_scorer.listener"):
+        pub.publish(EventBatch(ts=1.0, events=[event]))
+        wait_for(lambda: listener.stats().get("hash_mismatches", 0) == 1, "hash mismatch")
+    assert any("sha256_cbor" in r.getMessage() for r in caplog.records)
+    right = HashCheck(VllmHashSettings(hash_algo="sha256_cbor", pythonhashseed="0", block_size=16))
+    ok_listener = KVEventListener(index, bind=["tcp://127.0.0.1:0"], hash_check=right)
+    ok_listener.start()
+    cleanup.append(ok_listener)
+    pub2 = EventPublisher(ok_listener.bound_endpoints[0], topic="kv@pod-h@m")
+    pub2.start()
+    cleanup.append(pub2)
+    assert pub2.wait_subscribed()
+    pub2.publish(EventBatch(ts=1.0, events=[event]))
+    wait_for(lambda: ok_listener.stats().get("hash_checks_ok", 0) == 1, "hash check ok")

@@ -22,8 +22,10 @@ import time
 from kvaware_scorer.commands.decode_cmd import batch_to_json
 from kvaware_scorer.errors import ConfigError, KVAwareError
 from kvaware_scorer.events import EventBatch
+from kvaware_scorer.hash_check import HashCheck
 from kvaware_scorer.index import PrefixIndex
 from kvaware_scorer.listener import KVEventListener, PodSource
+from kvaware_scorer.vllm_hash import VllmHashSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--duration", type=float, default=None, metavar="S", help="stop after this many seconds"
     )
     parser.add_argument("--quiet", action="store_true", help="print stats only")
+    parser.add_argument(
+        "--vllm-hash-algo",
+        default=None,
+        help="check sampled events against vLLM's hash settings: sha256, sha256_cbor, "
+        "xxhash or xxhash_cbor (with --vllm-pythonhashseed and --vllm-block-size)",
+    )
+    parser.add_argument("--vllm-pythonhashseed", default=None, help="the pods' PYTHONHASHSEED")
+    parser.add_argument("--vllm-block-size", type=int, default=16, help="the pods' block size")
 
 
 def parse_connect(spec: str) -> PodSource:
@@ -95,6 +105,15 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("give at least one --bind ADDR or --connect SPEC")
         sources = [parse_connect(spec) for spec in args.connect]
         index = PrefixIndex(block_size=args.block_size, default_model=args.model)
+        hash_check = None
+        if args.vllm_hash_algo is not None:
+            hash_check = HashCheck(
+                VllmHashSettings(
+                    hash_algo=args.vllm_hash_algo,
+                    pythonhashseed=args.vllm_pythonhashseed,
+                    block_size=args.vllm_block_size,
+                )
+            )
     except KVAwareError as exc:
         print(f"kvaware-scorer listen: {exc}", file=sys.stderr)
         return 2
@@ -111,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         topic_filter=args.topic_filter,
         bind_replay_port=args.bind_replay_port,
         on_batch=None if args.quiet else show,
+        hash_check=hash_check,
     )
     try:
         listener.start()
