@@ -34,6 +34,7 @@ from kvaware_scorer.index import PrefixIndex, PrefixMatch
 from kvaware_scorer.listener import KVEventListener, PodSource
 from kvaware_scorer.load import LoadTracker, MetricsScraper
 from kvaware_scorer.manager import get_plugin_manager
+from kvaware_scorer.metrics import PipelineMetrics
 from kvaware_scorer.ratelimit import RateLimitedLogger
 from kvaware_scorer.registry import ComponentRegistry, Filter, Picker, Scorer
 from kvaware_scorer.types import Decision, Endpoint, RoutingRequest, ScoredEndpoint
@@ -136,7 +137,7 @@ class Pipeline:
         self._warn = RateLimitedLogger(logger, 10.0)
         self._lock = threading.Lock()
         self._started = False
-        self.observers: list[Any] = []  # objects with observe_decision(request, decision)
+        self.metrics = PipelineMetrics(self)
 
     def _build_listener(self) -> KVEventListener:
         lc = self.config.listener
@@ -395,8 +396,7 @@ class Pipeline:
                 "total": (t2 - t0) * 1e3,
             },
         )
-        for observer in self.observers:
-            observer.observe_decision(request, decision)
+        self.metrics.observe_decision(request, decision)
         return decision
 
     def routed(
@@ -419,6 +419,7 @@ class Pipeline:
     ) -> None:
         """Tell the pipeline the request completed (with the response's usage when known)."""
         self.load.finished(endpoint.id, len(request.token_ids or ()))
+        self.metrics.observe_finished(request, endpoint, cached_tokens)
         self.pm.hook.kvaware_request_finished(
             pipeline=self,
             request=request,
