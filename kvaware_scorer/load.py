@@ -35,6 +35,7 @@ class EndpointLoad:
 
     in_flight: int = 0
     in_flight_tokens: int = 0
+    pending_prefill_tokens: int = 0  # predicted uncached prompt tokens not yet prefilled
     waiting: float | None = None
     running: float | None = None
     kv_usage: float | None = None
@@ -55,22 +56,35 @@ class LoadTracker:
     def snapshot(self) -> dict[str, EndpointLoad]:
         return dict(self._loads)
 
-    def started(self, endpoint_id: str, prompt_tokens: int) -> None:
+    def started(self, endpoint_id: str, prompt_tokens: int, uncached_tokens: int = 0) -> None:
+        """A request was sent: it is in flight, and its uncached prompt awaits prefill."""
         with self._lock:
             load = self.get(endpoint_id)
             self._loads[endpoint_id] = replace(
                 load,
                 in_flight=load.in_flight + 1,
                 in_flight_tokens=load.in_flight_tokens + prompt_tokens,
+                pending_prefill_tokens=load.pending_prefill_tokens + uncached_tokens,
             )
 
-    def finished(self, endpoint_id: str, prompt_tokens: int) -> None:
+    def prefilled(self, endpoint_id: str, uncached_tokens: int) -> None:
+        """The request's first token arrived: its prefill is done."""
+        with self._lock:
+            load = self.get(endpoint_id)
+            self._loads[endpoint_id] = replace(
+                load,
+                pending_prefill_tokens=max(0, load.pending_prefill_tokens - uncached_tokens),
+            )
+
+    def finished(self, endpoint_id: str, prompt_tokens: int, pending_tokens: int = 0) -> None:
+        """The request completed; ``pending_tokens`` is what it still had awaiting prefill."""
         with self._lock:
             load = self.get(endpoint_id)
             self._loads[endpoint_id] = replace(
                 load,
                 in_flight=max(0, load.in_flight - 1),
                 in_flight_tokens=max(0, load.in_flight_tokens - prompt_tokens),
+                pending_prefill_tokens=max(0, load.pending_prefill_tokens - pending_tokens),
             )
 
     def scraped(self, endpoint_id: str, figures: dict[str, float] | None) -> None:

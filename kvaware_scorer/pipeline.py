@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from kvaware_scorer.config import PipelineConfig, load_config
@@ -58,6 +58,7 @@ class Pipeline:
         config: PipelineConfig | Mapping[str, Any] | None = None,
         *,
         load_entry_points: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(config, PipelineConfig):
             config = load_config(config)
@@ -83,6 +84,7 @@ class Pipeline:
             max_entries=ic.max_entries,
             speculative_ttl_s=ic.speculative_ttl_s,
             max_orphan_blocks=ic.max_orphan_blocks,
+            clock=clock,
         )
         self.listener: KVEventListener | None = None
         if config.listener.enabled:
@@ -233,7 +235,7 @@ class Pipeline:
         if kv_sources is not None:
             self._kv_sources.update(kv_sources)
         self._endpoints = new
-        for endpoint in endpoints:
+        for endpoint in new.values():
             for adapter in endpoint.adapters:
                 self._adapter_base.setdefault(adapter, next(iter(endpoint.models), ""))
         for endpoint in removed:
@@ -403,10 +405,20 @@ class Pipeline:
         self, request: RoutingRequest, endpoint: Endpoint, decision: Decision | None = None
     ) -> None:
         """Tell the pipeline the request was sent to ``endpoint``."""
-        self.load.started(endpoint.id, len(request.token_ids or ()))
+        prompt = len(request.token_ids or ())
+        match = (request.cache.get("kv_match") or {}).get(endpoint.id)
+        uncached = prompt - (match.matched_tokens if match is not None else 0)
+        request.cache["pending_prefill"] = (endpoint.id, uncached)
+        self.load.started(endpoint.id, prompt, uncached)
         self.pm.hook.kvaware_request_routed(
             pipeline=self, request=request, endpoint=endpoint, decision=decision
         )
+
+    def first_token(self, request: RoutingRequest, endpoint: Endpoint) -> None:
+        """Tell the pipeline the request's first token arrived (its prefill is done)."""
+        pending = request.cache.pop("pending_prefill", None)
+        if pending is not None and pending[0] == endpoint.id:
+            self.load.prefilled(endpoint.id, pending[1])
 
     def finished(
         self,
@@ -418,7 +430,9 @@ class Pipeline:
         error: str | None = None,
     ) -> None:
         """Tell the pipeline the request completed (with the response's usage when known)."""
-        self.load.finished(endpoint.id, len(request.token_ids or ()))
+        pending = request.cache.pop("pending_prefill", None)
+        left = pending[1] if pending is not None and pending[0] == endpoint.id else 0
+        self.load.finished(endpoint.id, len(request.token_ids or ()), left)
         self.metrics.observe_finished(request, endpoint, cached_tokens)
         self.pm.hook.kvaware_request_finished(
             pipeline=self,

@@ -9,13 +9,16 @@ balance).
 * ``kv-usage``: ``1 − vllm:kv_cache_usage_perc`` (1.0 until scraped).
 * ``in-flight``: min-max of what this router has outstanding per endpoint, counted in
   requests or in prompt tokens (``by``).
-* ``prefill-cost``: one continuous cost per endpoint (Dynamo-style),
-  ``prefill_scale × uncached_prompt_tokens + load_scale × (in_flight_tokens +
-  waiting_tokens × waiting)``, where uncached tokens are the prompt minus its tier-weighted
-  cached prefix on that endpoint (from the KV index, speculative entries included). The
-  score is the min-max of the cost: cache hits and idle pods both lower it, so a cached
-  prefix wins until its pod's queue costs more than recomputing elsewhere. This is the
-  recommended default blend on its own.
+* ``prefill-cost``: one continuous cost per endpoint (Dynamo-style), in prompt tokens of
+  prefill work standing between the request and its first token:
+  ``prefill_scale × (uncached_prompt_tokens + pending_prefill_tokens) + load_scale ×
+  (decode_tokens × in_flight + waiting_tokens × waiting)``. Uncached tokens are the prompt
+  minus its tier-weighted cached prefix on that endpoint (from the KV index, speculative
+  entries included); pending prefill is what this router sent there that has not produced
+  a first token yet; the decode term charges each in-flight request ``decode_tokens``
+  (its share of every step's time), and ``waiting_tokens`` charges the pod's scraped
+  queue. The score is the min-max of the cost: a cached prefix wins until its pod's queue
+  costs more than recomputing elsewhere. This is the recommended default blend on its own.
 """
 
 from __future__ import annotations
@@ -81,11 +84,17 @@ class InFlightScorer:
 
 class PrefillCostScorer:
     def __init__(
-        self, pipeline: Pipeline, prefill_scale: float, load_scale: float, waiting_tokens: int
+        self,
+        pipeline: Pipeline,
+        prefill_scale: float,
+        load_scale: float,
+        decode_tokens: int,
+        waiting_tokens: int,
     ) -> None:
         self._pipeline = pipeline
         self._prefill_scale = prefill_scale
         self._load_scale = load_scale
+        self._decode_tokens = decode_tokens
         self._waiting_tokens = waiting_tokens
 
     def costs(self, request: RoutingRequest, endpoints: Sequence[Endpoint]) -> dict[str, float]:
@@ -98,8 +107,11 @@ class PrefillCostScorer:
             cached = match.weighted_blocks * match.block_size if match is not None else 0.0
             uncached = max(0.0, prompt - cached)
             figures = load.get(e.id)
-            queued = figures.in_flight_tokens + self._waiting_tokens * (figures.waiting or 0.0)
-            out[e.id] = self._prefill_scale * uncached + self._load_scale * queued
+            prefill = uncached + figures.pending_prefill_tokens
+            busy = self._decode_tokens * figures.in_flight + self._waiting_tokens * (
+                figures.waiting or 0.0
+            )
+            out[e.id] = self._prefill_scale * prefill + self._load_scale * busy
         return out
 
     def score(self, request: RoutingRequest, endpoints: Sequence[Endpoint]) -> Mapping[str, float]:
@@ -111,6 +123,7 @@ def _prefill_cost(pipeline: Pipeline, params: Params) -> PrefillCostScorer:
         pipeline,
         params.number("prefill_scale", 1.0, minimum=0.0),
         params.number("load_scale", 1.0, minimum=0.0),
+        params.integer("decode_tokens", 16, minimum=0),
         params.integer("waiting_tokens", 0, minimum=0),
     )
 
