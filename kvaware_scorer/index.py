@@ -247,7 +247,10 @@ class PrefixIndex:
             return [0, 0, 0]
         if value.__class__ is int:
             return [value, 0, 0]
-        return list(value[1:])  # type: ignore[index]
+        masks = list(value[1:])  # type: ignore[index]
+        while len(masks) < 3:  # stored tuples drop their trailing empty tiers
+            masks.append(0)
+        return masks
 
     def _store(self, key: int, masks: list[int]) -> None:
         while masks and not masks[-1]:

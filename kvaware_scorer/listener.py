@@ -464,7 +464,12 @@ class KVEventListener:
         for reason in batch.errors:
             self._error(stream.pod, reason, f"event dropped from batch {seq}")
         if batch.events:
-            self.index.apply(stream.pod, batch.events, rank=stream.rank)
+            try:
+                self.index.apply(stream.pod, batch.events, rank=stream.rank)
+            except Exception:  # a bug, not input: count it and keep the thread alive
+                self._count("apply_errors")
+                logger.exception("applying a batch from %s failed; batch dropped", stream.pod)
+                return
             self._count("events_applied", len(batch.events))
             if self._hash_check is not None:
                 self._maybe_check_hashes(self._hash_check, stream.pod, batch)

@@ -108,8 +108,10 @@ class LoadTracker:
 
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
-    """The load figures in a Prometheus text page (summed over label sets)."""
+    """The load figures in a Prometheus text page: queue lengths summed over label sets
+    (data-parallel engines), KV usage averaged."""
     out: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
@@ -126,6 +128,9 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
         except (ValueError, IndexError):
             continue
         out[key] = out.get(key, 0.0) + value
+        counts[key] = counts.get(key, 0) + 1
+    if "kv_usage" in out:  # a fraction per engine: average it over data-parallel engines
+        out["kv_usage"] /= counts["kv_usage"]
     return out
 
 

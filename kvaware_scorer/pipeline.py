@@ -175,7 +175,15 @@ class Pipeline:
             if self._started:
                 return
             self._load_tokenizers()
-            self.pm.hook.kvaware_startup(pipeline=self)
+            try:
+                self.pm.hook.kvaware_startup(pipeline=self)
+            except BaseException:
+                # Undo what the hooks that did run started; shutdown hooks are idempotent.
+                try:
+                    self.pm.hook.kvaware_shutdown(pipeline=self)
+                except Exception:
+                    logger.exception("shutdown after a failed start-up also failed")
+                raise
             if self.scraper is not None:
                 self.scraper.start()
             self._started = True

@@ -50,7 +50,7 @@ class RoutingRequest:
     cache_salt: str | None = None
     mm_items: Sequence[MultiModalItem] = ()
     tools: Sequence[Mapping[str, Any]] | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = None  # None: as the request left it (vLLM's default)
     continue_final_message: bool = False
     chat_template_kwargs: Mapping[str, Any] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)

@@ -52,7 +52,10 @@ def scale_engine(config: EngineConfig, scale: float) -> EngineConfig:
     return dataclasses.replace(
         config,
         num_gpu_blocks=max(1, round(config.num_gpu_blocks * scale)),
-        max_num_batched_tokens=max(config.block_size, round(config.max_num_batched_tokens * scale)),
+        # vLLM requires a budget of at least max_num_seqs tokens per step.
+        max_num_batched_tokens=max(
+            config.max_num_seqs, config.block_size, round(config.max_num_batched_tokens * scale)
+        ),
         max_model_len=(
             None
             if config.max_model_len is None
