@@ -64,6 +64,8 @@ class IndexConfig:
     hash_seed: str = _f("", doc="seed of the request-key chain; equal on replicas sharing an index")
     tier_weights: dict[str, float] = _f(
         factory=lambda: {"gpu": 1.0, "cpu": 0.8},
+        minimum=0.0,
+        maximum=1.0,
         doc="weight per tier (vLLM medium, lower-case) in [0, 1]; `speculative` defaults to gpu",
     )
     other_tier_weight: float = _f(
@@ -104,6 +106,15 @@ class ListenerConfig:
     replay_timeout_s: float = _f(2.0, doc="give up a silent replay after this long", minimum=0.01)
     max_message_bytes: int = _f(
         DEFAULT_MAX_PAYLOAD_BYTES, doc="largest message accepted", minimum=1024
+    )
+    max_queued_messages: int = _f(
+        10_000, doc="messages queued per socket before ZeroMQ sheds (seen as a gap)", minimum=1
+    )
+    unknown_pods: str = _f(
+        "auto",
+        doc="bind-mode events from pods that are not endpoints: accept, reject, or auto "
+        "(reject when endpoints are configured statically)",
+        choices=("auto", "accept", "reject"),
     )
     hash_check: HashCheckConfig | None = _f(
         None, doc="check sampled events against these vLLM hash settings"

@@ -14,7 +14,14 @@ endpoint a gap or restart clears the pod's entries, since stale entries would mi
 Live messages that arrive during a replay are buffered (bounded) and applied after it.
 
 Bad input never stops the thread: it is counted per pod and reason, logged at most once
-per interval per pod and reason, and dropped.
+per interval per pod and reason, and dropped. With ``known_pods`` (static discovery),
+bind-mode events from pods that are not known endpoints are refused (``unknown_pod``).
+
+Overload: each SUB socket queues at most ``max_queued_messages`` messages (ZeroMQ's
+receive high-water mark; the publisher's PUB drops beyond it, as vLLM's does at its own
+HWM). Whatever is shed there shows up as a sequence gap, which is counted, logged and
+repaired by replay or by clearing the pod, so memory stays bounded when events arrive
+faster than they can be applied, and readers of the index never wait for the writer.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +112,8 @@ class KVEventListener:
         replay_timeout_s: float = 2.0,
         replay_cooldown_s: float = 30.0,
         max_buffered_batches: int = 10_000,
+        max_queued_messages: int = 10_000,
+        known_pods: Callable[[], Collection[str]] | None = None,
         max_message_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         poll_interval_ms: int = 50,
         on_batch: BatchCallback | None = None,
@@ -120,6 +129,8 @@ class KVEventListener:
         self._replay_timeout_s = replay_timeout_s
         self._replay_cooldown_s = replay_cooldown_s
         self._max_buffered = max_buffered_batches
+        self._rcvhwm = max_queued_messages
+        self._known_pods = known_pods
         self._max_bytes = max_message_bytes
         self._poll_ms = poll_interval_ms
         self._on_batch = on_batch
@@ -262,6 +273,7 @@ class KVEventListener:
                 subs[sock] = None
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.MAXMSGSIZE, self._max_bytes + 4096)
+                sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
                 sock.setsockopt(zmq.SUBSCRIBE, self._topic_filter)
                 sock.bind(address)
                 self.bound_endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
@@ -326,6 +338,7 @@ class KVEventListener:
             sock = self._ctx.socket(zmq.SUB)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, self._max_bytes + 4096)
+            sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
             sock.setsockopt(zmq.SUBSCRIBE, source.topic.encode())
             try:
                 sock.connect(rank_endpoint(source.endpoint, rank))
@@ -374,6 +387,11 @@ class KVEventListener:
                     )
                     continue
                 pod, model = parsed
+                if self._known_pods is not None and pod not in self._known_pods():
+                    self._error(
+                        pod, "unknown_pod", "events from a pod that is not a known endpoint"
+                    )
+                    continue
                 rank = batch.data_parallel_rank or 0
                 stream = self._streams.get((pod, rank))
                 if stream is None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from kvaware_scorer.config import PipelineConfig, load_config
@@ -164,8 +164,17 @@ class Pipeline:
             replay=lc.replay,
             replay_timeout_s=lc.replay_timeout_s,
             max_message_bytes=lc.max_message_bytes,
+            max_queued_messages=lc.max_queued_messages,
+            known_pods=self._endpoint_ids if self._reject_unknown_pods() else None,
             hash_check=hash_check,
         )
+
+    def _reject_unknown_pods(self) -> bool:
+        mode = self.config.listener.unknown_pods
+        return mode == "reject" or (mode == "auto" and bool(self.config.endpoints))
+
+    def _endpoint_ids(self) -> Collection[str]:
+        return self._endpoints.keys()
 
     # ------------------------------------------------------------------ lifecycle
 
