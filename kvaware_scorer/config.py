@@ -282,6 +282,10 @@ def _scalar(tp: Any, value: Any, where: str, meta: Mapping[str, Any]) -> Any:
             )
         return value
     if tp is bool:
+        if isinstance(value, str) and "${" in value:
+            expanded = str(_expand_env(value, where)).strip().lower()
+            if expanded in ("true", "false"):
+                return expanded == "true"
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: must be true or false, got {_show(value)}")
         return value
@@ -310,13 +314,20 @@ def _scalar(tp: Any, value: Any, where: str, meta: Mapping[str, Any]) -> Any:
 
 
 def _expand_env(value: Any, where: str) -> Any:
+    """Substitute ``${NAME}`` / ``${NAME:-default}`` in strings, also inside nested params."""
+    if isinstance(value, Mapping):
+        return {k: _expand_env(v, _join(where, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
 
     def sub(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
         found = os.environ.get(name)
-        if found is None:
+        if not found:  # unset, or set but empty: like the shell's ${NAME:-default}
+            if found is not None and default is None:
+                return found
             if default is None:
                 raise ConfigError(
                     f"{where}: environment variable {name} is not set; set it or write "

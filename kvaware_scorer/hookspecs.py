@@ -40,13 +40,13 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def kvaware_register(registry: ComponentRegistry) -> None:
-    """Register component factories (filters, scorers, pickers, tokenizer loaders) by type name.
+    """Register component factories (filters, scorers, pickers) by type name.
 
     Called once, when the pipeline is built and before the configuration is applied, so
     the configuration can refer to every registered name.
 
-    :param registry: call ``registry.add_filter/add_scorer/add_picker/add_tokenizer(name,
-        factory, doc=...)``. A factory takes ``(context, params)`` and returns the component.
+    :param registry: call ``registry.add_filter/add_scorer/add_picker(name, factory,
+        doc=...)``. A factory takes ``(pipeline, params)`` and returns the component.
 
     .. versionadded:: 0.1
     """

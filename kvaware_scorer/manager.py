@@ -92,7 +92,7 @@ def get_plugin_manager(
     except pluggy.PluginValidationError as exc:
         raise ConfigError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
     if allowed is not None:
-        missing = allowed - set(found) - set(BUILTIN_PLUGINS)
+        missing = allowed - set(found) - set(BUILTIN_PLUGINS) - blocked
         if missing:
             raise ConfigError(
                 "plugins.allow names plugins that are not installed: "

@@ -119,7 +119,7 @@ class Pipeline:
                     ec.id,
                     kv.endpoint,
                     replay_endpoint=kv.replay_endpoint,
-                    model=next(iter(ec.models), None),
+                    model=sorted(ec.models)[0] if ec.models else None,
                     dp_size=kv.dp_size,
                     topic=kv.topic,
                 )
@@ -343,7 +343,12 @@ class Pipeline:
         candidates: Sequence[Endpoint] = all_endpoints
         filtered_out: dict[str, list[str]] = {}
         for name, f in self.filters:
-            kept = f.filter(request, candidates)
+            try:
+                kept = f.filter(request, candidates)
+            except Exception as exc:  # a broken filter is skipped, never fails the route
+                self._count(f"filter_errors:{name}")
+                self._warn.warning(f"filter:{name}", "filter %s failed (skipped): %r", name, exc)
+                continue
             if len(kept) != len(candidates):
                 kept_ids = {e.id for e in kept}
                 filtered_out[name] = [e.id for e in candidates if e.id not in kept_ids]
