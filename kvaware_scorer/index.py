@@ -162,6 +162,7 @@ class PrefixIndex:
         self._bit_owner: dict[int, tuple[str, int]] = {}
         self._speculative: deque[tuple[float, int, tuple[int, ...]]] = deque()
         self._spec_keys = 0
+        self._reannounce = False  # the BlockStored being applied re-announces held blocks
         self.counters: dict[str, int] = {}
         self.pod_counters: dict[str, dict[str, int]] = {}
 
@@ -381,11 +382,14 @@ class PrefixIndex:
             state: Tail | None = (self.hasher.root(self._namespace(slot, event)), b"", ())
         else:
             state = self._resolve(slot, engine_key(parent))
+        held = slot.held
+        self._reannounce = parent is None and all(engine_key(h) in held for h in hashes)
         if state is None:
             self._park_orphan(slot, engine_key(parent), event, tier)  # type: ignore[arg-type]
             return
         self._index_blocks(slot, event, tier, state, stored_now)
         if slot.orphans:
+            self._reannounce = False
             self._adopt_orphans(slot, event, stored_now)
         if len(slot.held) > slot.capacity:
             self._enforce_capacity(slot)
@@ -489,13 +493,19 @@ class PrefixIndex:
     ) -> None:
         """A hash the slot already holds was stored again.
 
-        Within one batch that is a second physical copy (two requests cached the same
-        prefix in one step; each copy is removed separately), so it is counted. In a later
-        batch it is a re-announcement (``kv_cache_report_mode="full"``): refresh only.
+        vLLM stores a second physical copy when two requests cache the same prefix in one
+        step, and when a cached prompt recomputes its last block (vLLM never serves the
+        whole prompt from cache); each copy is removed separately, so it is counted. The
+        exception is a re-announced cache hit (``kv_cache_report_mode="full"``): a store
+        from block 0 (no parent) of hashes the pod already holds, in a later batch. That
+        is not a new copy: refresh only. (A one-block prompt recomputed in a later step
+        has the same shape; treating it as a refresh can only cause a miss, never a stale
+        hit.)
         """
         held = slot.held
+        copy = ek in stored_now or not self._reannounce
         if old.__class__ is int:
-            if tier == GPU and ek not in stored_now:
+            if tier == GPU and not copy:
                 del held[ek]  # refresh: most recently stored goes last
                 held[ek] = old
                 return
@@ -504,7 +514,7 @@ class PrefixIndex:
         else:
             rec = old  # type: ignore[assignment]
         count = rec.counts.get(tier, 0)
-        if count == 0 or ek in stored_now:
+        if count == 0 or copy:
             rec.counts[tier] = count + 1
             for key in keys or rec.keys:
                 self._set(key, tier, slot.bit)
@@ -519,6 +529,7 @@ class PrefixIndex:
 
     def _tier_update(self, slot: _Slot, hashes: Sequence[Any], tier: int) -> None:
         """A token-less ``BlockStored`` (offload placeholder): known blocks gain a tier."""
+        self._reannounce = True  # a placeholder for a tier already held only refreshes
         for h in hashes:
             ek = engine_key(h)
             old = slot.held.get(ek)

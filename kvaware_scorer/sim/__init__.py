@@ -14,6 +14,7 @@ from kvaware_scorer.sim.engine import (
     SimEngine,
     SimRequest,
     StepResult,
+    generated_tokens,
 )
 from kvaware_scorer.sim.profiles import PROFILES, profile
 from kvaware_scorer.sim.steptime import StepTimeModel
@@ -26,5 +27,6 @@ __all__ = [
     "SimRequest",
     "StepResult",
     "StepTimeModel",
+    "generated_tokens",
     "profile",
 ]

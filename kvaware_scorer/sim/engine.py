@@ -36,10 +36,14 @@ allocate, hit, cache or free; nothing scans the whole pool, except
 from __future__ import annotations
 
 import hashlib
+import sys
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import takewhile
+from operator import is_not
 from typing import Any, Final, cast
 
 import xxhash
@@ -69,6 +73,7 @@ __all__ = [
     "SimEngine",
     "SimRequest",
     "StepResult",
+    "generated_tokens",
 ]
 
 HASH_ALGOS: Final[tuple[str, ...]] = ("fast", "sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
@@ -76,9 +81,8 @@ HASH_ALGOS: Final[tuple[str, ...]] = ("fast", "sha256", "sha256_cbor", "xxhash",
 
 MEDIUM: Final = "GPU"
 _NO_HASH: Final = -1  # engine hashes are unsigned, so -1 marks an uncached block
-_MASK64: Final = (1 << 64) - 1
-_LCG_MUL: Final = 6364136223846793005
-_LCG_INC: Final = 1442695040888963407
+_DUE: Final = -2  # _Req.event_tick of a decoder whose work this tick is done
+_is_block: Final = partial(is_not, None)  # C-level "value is not None" for takewhile
 
 EventSink = Callable[[EventBatch], None]
 
@@ -100,11 +104,13 @@ class EngineConfig:
     ``num_gpu_blocks`` is vLLM's figure (the "GPU KV cache size" divided by
     ``block_size``); block 0 is vLLM's reserved null block, so ``num_gpu_blocks - 1`` are
     usable. ``max_num_seqs`` and ``max_num_batched_tokens`` are vLLM's scheduler limits
-    (the latter is the per-step token budget, chunked prefill on). ``hash_algo`` is
-    ``"fast"`` (chained xxh3-64 over the token bytes, opaque 64-bit ids) or one of vLLM's
+    (the latter is the per-step token budget, chunked prefill on; it must be at least
+    ``max_num_seqs``, as vLLM requires). ``hash_algo`` is ``"fast"`` (chained xxh3-64
+    over the token bytes, opaque 64-bit ids) or one of vLLM's
     ``--prefix-caching-hash-algo`` values, which makes the engine hashes exactly vLLM's
-    (slow; for realism) with ``pythonhashseed`` as ``PYTHONHASHSEED``. ``max_model_len``
-    bounds ``len(prompt) + max_tokens`` (``None``: what the usable blocks hold).
+    with ``pythonhashseed`` as ``PYTHONHASHSEED`` (about 1.5x the engine time).
+    ``max_model_len`` bounds ``len(prompt) + max_tokens`` (``None``: what the usable
+    blocks hold).
     """
 
     num_gpu_blocks: int
@@ -123,6 +129,13 @@ class EngineConfig:
         _positive_int("block_size", self.block_size)
         _positive_int("max_num_seqs", self.max_num_seqs)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # vLLM's SchedulerConfig refuses this too; it guarantees every running
+            # sequence its decode token in every step.
+            raise ConfigError(
+                f"max_num_batched_tokens: ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs}), as vLLM requires"
+            )
         if not isinstance(self.step_time, StepTimeModel):
             raise ConfigError(f"step_time: must be a StepTimeModel, got {self.step_time!r}")
         if not isinstance(self.model, str) or not self.model:
@@ -219,48 +232,81 @@ class StepResult:
 
 
 # --------------------------------------------------------------------------------------
-# Block hashing
+# Requests and block hashing
 # --------------------------------------------------------------------------------------
 
 
+def generated_tokens(request_id: str, count: int) -> list[int]:
+    """The ``count`` output token ids the engine generates for ``request_id``.
+
+    Pseudo-random ids in ``[0, 65536)`` from SHAKE-128 of the request id: the same on
+    every platform and run, and known in advance (a multi-turn workload can build the next
+    turn's prompt from them).
+    """
+    digest = hashlib.shake_128(b"kvaware-sim-out\0" + request_id.encode()).digest(2 * count)
+    data = array("H", digest)
+    if sys.byteorder == "big":
+        data.byteswap()
+    return data.tolist()
+
+
 class _Req:
-    """Engine-side state of one request (vLLM's ``Request`` plus its block table)."""
+    """Engine-side state of one request (vLLM's ``Request`` plus its block table).
+
+    ``tokens`` holds the prompt and the generated tokens materialised so far; while the
+    request decodes, its true length at tick ``T`` is ``base_n + T - base_tick`` and
+    ``tokens`` catches up only when the request has work (a block boundary, preemption or
+    the end), so a decode step costs nothing per sequence otherwise.
+    """
 
     __slots__ = (
+        "base_n",
+        "base_tick",
         "blocks",
         "chain",
         "decoding",
-        "done",
+        "event_tick",
         "extra_first",
         "extra_rest",
+        "final_n",
         "hashes",
         "num_cached_blocks",
         "num_computed",
         "num_prompt",
+        "out",
         "req",
-        "rng",
         "seen",
+        "seq",
         "tokens",
     )
 
     def __init__(self, req: SimRequest) -> None:
         self.req = req
-        self.tokens: list[int] = list(req.token_ids)  # prompt + generated so far
+        self.tokens: list[int] = list(req.token_ids)
         self.num_prompt = len(self.tokens)
+        self.out: list[int] = []  # every output token, generated up front
+        # n (tokens incl. the last sampled one) of the step that samples the last token
+        self.final_n = self.num_prompt + req.max_tokens - 1
         self.hashes: list[int] = []  # engine hash of every full block of ``tokens``
         self.chain: int | bytes = 0  # hash-chain state after the last hashed block
         self.blocks: list[int] = []  # block table (physical block ids)
         self.num_computed = 0
         self.num_cached_blocks = 0  # leading blocks of the table already cached
-        self.decoding = False  # prefill (or recompute) done, one token per step
-        self.done = False
+        self.decoding = False
+        self.event_tick = -1  # tick of this decoder's live bucket entry, -1 if none
+        self.base_tick = 0
+        self.base_n = 0
+        self.seq = 0  # admission order (running order)
         self.seen = False  # admitted at least once (cached_tokens recorded)
-        self.rng = xxhash.xxh3_64_intdigest(req.request_id.encode())
         lora = req.lora_name or None
         salt = req.cache_salt or None
         self.extra_rest: list[Any] | None = [lora] if lora else None
         first = [k for k in (lora, salt) if k]
         self.extra_first: list[Any] | None = first or None
+
+
+def _seq_of(st: _Req) -> int:
+    return st.seq
 
 
 class _FastHasher:
@@ -287,18 +333,21 @@ class _FastHasher:
         """Hash blocks ``[start, end)`` of ``st.tokens`` (``start`` = ``len(st.hashes)``)."""
         size = self._block_size
         try:
-            data = array("I", st.tokens[start * size : end * size]).tobytes()
+            data = array("I", st.tokens[start * size : end * size])
         except OverflowError:
             raise ValueError(
                 f"request {st.req.request_id!r}: token ids must be in [0, 2**32)"
             ) from None
+        if sys.byteorder == "big":
+            data.byteswap()
+        raw = data.tobytes()
         h = st.chain
         assert isinstance(h, int)
         out = st.hashes
         step = self._step
         digest = xxhash.xxh3_64_intdigest
-        for off in range(0, len(data), step):
-            h = digest(data[off : off + step], h)
+        for off in range(0, len(raw), step):
+            h = digest(raw[off : off + step], h)
             out.append(h)
         st.chain = h
 
@@ -318,6 +367,7 @@ class _VllmHasher:
         return self._root
 
     def extend(self, st: _Req, start: int, end: int) -> None:
+        """Hash blocks ``[start, end)`` as vLLM does: LoRA on every block, salt on block 0."""
         size = self._block_size
         req = st.req
         lora_key: tuple[str, ...] | None = None
@@ -382,17 +432,25 @@ class SimEngine:
             self._hasher = _VllmHasher(
                 VllmHashSettings(config.hash_algo, config.pythonhashseed, config.block_size)
             )
-        # Block pool (vLLM BlockPool): block 0 is the null block and never handed out.
+        # Block pool (vLLM BlockPool). Block 0 is the null block and never handed out.
         n = config.num_gpu_blocks
-        self._hash: list[int] = [_NO_HASH] * n
+        self._hash: list[int] = [_NO_HASH] * n  # cached hash per block
         self._ref: list[int] = [0] * n
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, n))
-        # hash -> block id, or {block id: None} in insertion order once duplicated
-        self._cached: dict[int, int | dict[int, None]] = {}
+        # vLLM's BlockHashToBlockMap, split for speed: hash -> the block a lookup returns
+        # (the oldest copy), and hash -> the younger copies in insertion order.
+        self._cached: dict[int, int] = {}
+        self._dups: dict[int, dict[int, None]] = {}
         self._events: list[KVEvent] = []
         # Scheduler.
         self._waiting: deque[_Req] = deque()
-        self._running: list[_Req] = []
+        self._running: dict[_Req, None] = {}  # admission order
+        self._prefilling: list[_Req] = []  # running requests not decoding yet
+        self._buckets: dict[int, list[_Req]] = {}  # tick -> decoders with work then
+        self._tick = 0  # steps run so far
+        self._n_dec = 0  # decoding requests
+        self._ctx_sum = 0  # their context tokens this tick
+        self._next_seq = 0
         self._live: set[str] = set()
         self._now = 0.0
         # Counters.
@@ -437,6 +495,7 @@ class SimEngine:
         st = _Req(request)
         st.chain = self._hasher.root(request.lora_name, request.cache_salt, request.lora_path)
         self._hasher.extend(st, 0, st.num_prompt // self._B)
+        st.out = generated_tokens(rid, request.max_tokens)
         self._live.add(rid)
         self._waiting.append(st)
         self._added += 1
@@ -467,33 +526,21 @@ class SimEngine:
 
     # ------------------------------------------------------------------ block pool
 
-    def _evict(self, b: int, h: int) -> None:
-        """Drop block ``b``'s cached hash ``h`` (vLLM ``_maybe_evict_cached_block``)."""
-        cached = self._cached
-        cur = cached.pop(h)
-        if cur.__class__ is not int:
-            del cur[b]  # type: ignore[union-attr]
-            if cur:
-                cached[h] = cur
-        self._hash[b] = _NO_HASH
-        self._cached_blocks -= 1
-        self._evictions += 1
-        self._events.append(BlockRemoved([h], MEDIUM, 0))
-
     def _find_hits(self, st: _Req) -> list[int]:
-        """Longest cached prefix, at most ``(num_tokens - 1) // block_size`` blocks."""
+        """vLLM ``find_longest_cache_hit``: cached prefix of at most ``(n - 1) // B`` blocks."""
         limit = (len(st.tokens) - 1) // self._B
-        get = self._cached.get
-        hits: list[int] = []
-        for h in st.hashes[:limit]:
-            cur = get(h)
-            if cur is None:
-                break
-            hits.append(cur if cur.__class__ is int else next(iter(cur)))  # type: ignore[arg-type]
-        return hits
+        found: list[int] = list(
+            takewhile(_is_block, map(self._cached.get, st.hashes[:limit]))  # type: ignore[arg-type]
+        )
+        return found
 
     def _allocate(self, st: _Req, num_new: int, hits: Sequence[int]) -> bool:
-        """vLLM ``allocate_slots``: touch hits, allocate, cache; False if blocks are short."""
+        """vLLM ``allocate_slots``: touch hits, allocate, cache; False if blocks are short.
+
+        New blocks come from the free queue's front (``get_new_blocks``); a block that
+        still holds a cached hash is evicted first, one ``BlockRemoved`` per block, in
+        that order (``_maybe_evict_cached_block``).
+        """
         size = self._B
         blocks = st.blocks
         ref = self._ref
@@ -517,17 +564,42 @@ class SimEngine:
             st.num_cached_blocks = nh
         if num_new_blocks > 0:
             hashes = self._hash
+            cached = self._cached
+            dups = self._dups
             popitem = free.popitem
+            append = self._events.append
+            evicted = 0
             for _ in range(num_new_blocks):
                 b = popitem(last=False)[0]
                 h = hashes[b]
                 if h != _NO_HASH:
-                    self._evict(b, h)
+                    if dups and h in dups:
+                        self._drop_copy(h, b)
+                    else:
+                        del cached[h]
+                    hashes[b] = _NO_HASH
+                    append(BlockRemoved([h], MEDIUM, 0))
+                    evicted += 1
                 ref[b] = 1
                 blocks.append(b)
+            if evicted:
+                self._evictions += evicted
+                self._cached_blocks -= evicted
         ntok = len(st.tokens)
         self._cache_blocks(st, need if need < ntok else ntok)
         return True
+
+    def _drop_copy(self, h: int, b: int) -> None:
+        """Remove block ``b`` from hash ``h``'s copies (vLLM ``BlockHashToBlockMap.pop``)."""
+        extra = self._dups[h]
+        if self._cached[h] == b:
+            nxt = next(iter(extra))
+            del extra[nxt]
+            self._cached[h] = nxt
+        else:
+            del extra[b]
+        if not extra:
+            del self._dups[h]
 
     def _cache_blocks(self, st: _Req, num_tokens: int) -> None:
         """vLLM ``cache_full_blocks``: hash the newly full blocks, one ``BlockStored``."""
@@ -539,17 +611,12 @@ class SimEngine:
         new_hashes = st.hashes[start:full]
         hashes = self._hash
         cached = self._cached
+        setdefault = cached.setdefault
         for b, h in zip(st.blocks[start:full], new_hashes, strict=True):
             hashes[b] = h
-            cur = cached.get(h)
-            if cur is None:
-                cached[h] = b
-            else:
+            if setdefault(h, b) != b:
                 self._duplicate_stores += 1
-                if isinstance(cur, int):
-                    cached[h] = {cur: None, b: None}
-                else:
-                    cur[b] = None
+                self._dups.setdefault(h, {})[b] = None
         n = full - start
         self._blocks_stored += n
         self._cached_blocks += n
@@ -586,57 +653,121 @@ class SimEngine:
         st.blocks = []
         st.num_cached_blocks = 0
 
-    def _preempt(self, st: _Req) -> None:
+    # ------------------------------------------------------------------ decoders
+
+    def _materialize(self, st: _Req, n: int) -> None:
+        """Bring ``st.tokens`` (and the hashes of its full blocks) up to ``n`` tokens."""
+        have = len(st.tokens)
+        if have < n:
+            p = st.num_prompt
+            st.tokens.extend(st.out[have - p : n - p])
+        full = n // self._B
+        if len(st.hashes) < full:
+            self._hasher.extend(st, len(st.hashes), full)
+
+    def _schedule(self, st: _Req, tick: int, n: int) -> None:
+        """Bucket a decoder at its next tick >= ``tick`` with work: a block fills (n % B
+        == 0: cache it), a new block is needed (n % B == 1) or the last token is sampled."""
+        size = self._B
+        at = tick + min(-n % size, (1 - n) % size, st.final_n - n)
+        st.event_tick = at
+        bucket = self._buckets.get(at)
+        if bucket is None:
+            self._buckets[at] = [st]
+        else:
+            bucket.append(st)
+
+    def _stop_decoding(self, st: _Req, n: int) -> None:
+        st.decoding = False
+        st.event_tick = -1
+        self._n_dec -= 1
+        self._ctx_sum -= n
+
+    def _preempt(self, st: _Req, preempted: list[SimRequest]) -> None:
         """Recompute preemption: free the blocks, back to the front of the waiting queue."""
+        if st.decoding:
+            n = st.base_n + self._tick - st.base_tick
+            self._materialize(st, n)
+            st.req.output_tokens = n - st.num_prompt
+            self._stop_decoding(st, n)
+        else:
+            self._prefilling.remove(st)
         self._free_blocks(st)
         st.num_computed = 0
-        st.decoding = False
         st.req.preemptions += 1
         self._preemptions += 1
         self._waiting.appendleft(st)
+        preempted.append(st.req)
+
+    def _allocate_running(self, st: _Req, num_new: int, preempted: list[SimRequest]) -> bool:
+        """Allocate for a running request, preempting the newest until it fits (vLLM's
+        ``self.running.pop()`` loop); False when ``st`` itself had to go."""
+        running = self._running
+        while not self._allocate(st, num_new, ()):
+            victim = next(reversed(running))
+            del running[victim]
+            self._preempt(victim, preempted)
+            if victim is st:
+                return False
+        return True
+
+    def _finish(self, st: _Req, end: float, finished: list[SimRequest]) -> None:
+        req = st.req
+        req.output_tokens = req.max_tokens
+        req.finished_s = end
+        req.output_token_ids = st.out
+        finished.append(req)
+        self._free_blocks(st)
+        del self._running[st]
+        self._live.discard(req.request_id)
+        self._finished += 1
 
     # ------------------------------------------------------------------ the step
 
     def step(self, now_s: float) -> StepResult:
         """Run one scheduler step starting at ``now_s``; publish its events, if any."""
         size = self._B
+        tick = self._tick
         budget = self._budget
         running = self._running
-        scheduled: list[tuple[_Req, int]] = []
         preempted: list[SimRequest] = []
-        prefill_tokens = 0
-        decode_seqs = 0
-        context = 0
+        chunks: list[tuple[_Req, int]] = []  # prefill chunks scheduled, in order
+        due_done: list[_Req] = []  # decoders that had work this tick
+        stopped = False
 
-        # 1. Running requests, in admission order (vLLM Scheduler.schedule, FCFS).
-        i = 0
-        while i < len(running) and budget > 0:
-            st = running[i]
-            ntok = len(st.tokens)
-            num_new = min(ntok - st.num_computed, budget)
-            if not (
-                st.decoding
-                and ntok <= len(st.blocks) * size
-                and ntok // size <= st.num_cached_blocks
-            ):
-                lost = False
-                while not self._allocate(st, num_new, ()):
-                    victim = running.pop()
-                    self._preempt(victim)
-                    preempted.append(victim.req)
-                    if victim is st:
-                        lost = True
-                        break
-                if lost:
+        # 1. Running requests in admission order (vLLM Scheduler.schedule, FCFS). All
+        # decoders come before the (at most one) request still prefilling, and the budget
+        # (>= max_num_seqs) always covers them, so they all run; only those at a block
+        # boundary or at their last token need work now.
+        due = self._buckets.pop(tick, None)
+        if due:
+            if len(due) > 1:
+                due.sort(key=_seq_of)
+            for st in due:
+                if st.event_tick != tick:
+                    continue  # stale (preempted since) or a duplicate entry
+                st.event_tick = _DUE
+                n = st.base_n + tick - st.base_tick
+                self._materialize(st, n)
+                st.num_computed = n - 1
+                if (n > len(st.blocks) * size or n // size > st.num_cached_blocks) and (
+                    not self._allocate_running(st, 1, preempted)
+                ):
+                    stopped = True
                     break
-            scheduled.append((st, num_new))
-            if st.decoding:
-                decode_seqs += 1
-                context += ntok
-            else:
-                prefill_tokens += num_new
-            budget -= num_new
-            i += 1
+                due_done.append(st)
+        budget -= self._n_dec
+        if not stopped:
+            for st in list(self._prefilling):
+                if budget <= 0:
+                    break
+                if st.decoding or st not in running:
+                    continue
+                num_new = min(len(st.tokens) - st.num_computed, budget)
+                if not self._allocate_running(st, num_new, preempted):
+                    break
+                chunks.append((st, num_new))
+                budget -= num_new
 
         # 2. Waiting requests, FCFS, only when nothing was preempted in this step.
         if not preempted:
@@ -650,7 +781,10 @@ class SimEngine:
                 if not self._allocate(st, num_new, hits):
                     break
                 waiting.popleft()
-                running.append(st)
+                running[st] = None
+                self._prefilling.append(st)
+                st.seq = self._next_seq
+                self._next_seq += 1
                 st.num_computed = hit_tokens
                 self._queries += len(st.tokens)
                 self._hits += hit_tokens
@@ -660,43 +794,57 @@ class SimEngine:
                     st.req.scheduled_s = now_s
                     self._prompt_tokens += st.num_prompt
                     self._cached_tokens += hit_tokens
-                scheduled.append((st, num_new))
-                prefill_tokens += num_new
+                chunks.append((st, num_new))
                 budget -= num_new
 
-        # 3. Execute: advance, sample, finish.
-        duration = self._step_time(prefill_tokens, decode_seqs, context) if scheduled else 0.0
+        # 3. Execute the step.
+        decode_seqs = self._n_dec
+        context = self._ctx_sum
+        prefill_tokens = 0
+        for _, num_new in chunks:
+            prefill_tokens += num_new
+        work = decode_seqs > 0 or bool(chunks)
+        duration = self._step_time(prefill_tokens, decode_seqs, context) if work else 0.0
         end = now_s + duration
         first_tokens: list[SimRequest] = []
         finished: list[SimRequest] = []
-        for st, num_new in scheduled:
+        # Every decoder sampled one token.
+        self._ctx_sum += decode_seqs
+        self._tick = nxt = tick + 1
+        for st in due_done:
+            if st.event_tick != _DUE:
+                continue  # preempted later in this step
+            n = st.base_n + tick - st.base_tick
+            if n == st.final_n:
+                self._materialize(st, n + 1)
+                self._stop_decoding(st, n + 1)
+                self._finish(st, end, finished)
+            else:
+                self._schedule(st, nxt, n + 1)
+        # Prefill chunks that reached the end sample their first (or next) token.
+        for st, num_new in chunks:
             st.num_computed += num_new
             tokens = st.tokens
-            if st.num_computed < len(tokens):
-                continue  # a prefill chunk that does not reach the end
+            n = len(tokens)
+            if st.num_computed < n:
+                continue
             req = st.req
-            x = (st.rng * _LCG_MUL + _LCG_INC) & _MASK64
-            st.rng = x
-            tokens.append(x >> 47)
-            req.output_tokens += 1
+            k = n - st.num_prompt  # outputs so far
+            tokens.append(st.out[k])
+            req.output_tokens = k + 1
             if req.first_token_s is None:
                 req.first_token_s = end
                 first_tokens.append(req)
-            if req.output_tokens >= req.max_tokens:
-                st.done = True
-                req.finished_s = end
-                req.output_token_ids = tokens[st.num_prompt :]
-                finished.append(req)
-                self._free_blocks(st)
-                self._live.discard(req.request_id)
+            self._prefilling.remove(st)
+            if k + 1 >= req.max_tokens:
+                self._finish(st, end, finished)
                 continue
             st.decoding = True
-            if not len(tokens) % size:
-                n = len(tokens) // size
-                self._hasher.extend(st, n - 1, n)
-        if finished:
-            self._running = [st for st in running if not st.done]
-            self._finished += len(finished)
+            st.base_tick = nxt
+            st.base_n = n + 1
+            self._n_dec += 1
+            self._ctx_sum += n + 1
+            self._schedule(st, nxt, n + 1)
 
         self._steps += 1
         self._busy_s += duration
@@ -714,7 +862,7 @@ class SimEngine:
             first_tokens,
             finished,
             context,
-            len(scheduled),
+            decode_seqs + len(chunks),
             preempted,
             num_events,
         )
@@ -738,13 +886,13 @@ class SimEngine:
         if len(self._free) != self._usable:
             return False
         hashes = self._hash
-        for cur in self._cached.values():
-            if isinstance(cur, int):
-                hashes[cur] = _NO_HASH
-            else:
-                for b in cur:
-                    hashes[b] = _NO_HASH
+        for b in self._cached.values():
+            hashes[b] = _NO_HASH
+        for extra in self._dups.values():
+            for b in extra:
+                hashes[b] = _NO_HASH
         self._cached = {}
+        self._dups = {}
         self._cached_blocks = 0
         self._resets += 1
         self._events.append(AllBlocksCleared())
@@ -792,10 +940,8 @@ class SimEngine:
 
     def cached_hash_counts(self) -> dict[int, int]:
         """Engine hash -> number of physical blocks holding it."""
-        return {
-            h: 1 if cur.__class__ is int else len(cur)  # type: ignore[arg-type]
-            for h, cur in self._cached.items()
-        }
+        dups = self._dups
+        return {h: 1 + len(dups.get(h, ())) for h in self._cached}
 
     def stats(self) -> dict[str, Any]:
         """Counters since start (token counts are tokens; blocks are blocks)."""

@@ -86,10 +86,10 @@ QWEN3_32B_2XH100_STEP: Final = StepTimeModel(
 """Qwen3-32B, BF16, TP=2 on 2 x H100 SXM 80 GB (llm-d's published benchmark pods).
 
 13 ms floor (32.8 GB of weights per GPU at ~2.7 TB/s effective HBM, plus TP all-reduce
-and launch overhead); 10,000 prefill tokens/s (65.6 GFLOP/token on ~2 x 989 TFLOPS BF16
-at ~33% MFU with attention); 40 us per decoding sequence; 5e-8 s per context token (128 KiB
-of KV per token per GPU at ~2.6 TB/s). At llm-d's typical batch (28 sequences of ~7,700
-tokens of context) a decode step takes 25 ms, the published ITL.
+and launch overhead); 10,000 prefill tokens/s (~73 GFLOP/token with attention on
+2 x 989 TFLOPS BF16 at ~37% MFU); 40 us per decoding sequence; 5e-8 s per context token
+(128 KiB of KV per token per GPU at ~2.6 TB/s). At llm-d's typical batch (28 sequences
+of ~7,700 tokens of context) a decode step takes 25 ms, the published ITL.
 """
 
 LLAMA_8B_1XH100_STEP: Final = StepTimeModel(
@@ -101,6 +101,7 @@ LLAMA_8B_1XH100_STEP: Final = StepTimeModel(
 """Llama-3.1-8B-Instruct, BF16, on one H100 SXM 80 GB.
 
 7 ms floor (16 GB of weights at ~2.7 TB/s effective HBM, plus launch overhead); 25,000
-prefill tokens/s (16 GFLOP/token at ~40% MFU); 30 us per decoding sequence; 5e-8 s per
-context token (128 KiB of KV per token: 32 layers x 8 KV heads x 128 x 2 x 2 bytes).
+prefill tokens/s (~18 GFLOP/token with attention at ~45% MFU); 30 us per decoding
+sequence; 5e-8 s per context token (128 KiB of KV per token: 32 layers x 8 KV heads x
+128 x 2 x 2 bytes).
 """
