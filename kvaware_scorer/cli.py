@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvaware_scorer.commands.selfcheck_cmd",
         "run publishers, listener, index and scoring end to end on loopback",
     ),
+    "sim-engine": (
+        "kvaware_scorer.commands.sim_engine_cmd",
+        "run one simulated vLLM engine (HTTP + KV events) in real time",
+    ),
 }
 
 
