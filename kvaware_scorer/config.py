@@ -25,10 +25,10 @@ from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.index import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_MAX_ORPHAN_BLOCKS,
-    DEFAULT_OTHER_TIER_WEIGHT,
     DEFAULT_POD_CAPACITY,
     DEFAULT_SPECULATIVE_TTL_S,
 )
+from kvaware_scorer.residency import DEFAULT_OTHER_TIER_WEIGHT
 from kvaware_scorer.wire import DEFAULT_MAX_PAYLOAD_BYTES
 
 HASH_ALGOS = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
