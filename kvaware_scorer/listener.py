@@ -7,10 +7,11 @@ Two modes, usable together:
 * **connect**: we dial each pod's publisher (:meth:`KVEventListener.add_pod`), one SUB per
   DP rank at port + rank as vLLM offsets it. The pod is the name we were given.
 
-Every (pod, rank) stream has its sequence tracked. A gap asks the pod's replay endpoint
-(ROUTER; we use a DEALER) for the missing batches; a sequence that goes backwards means the
-engine restarted: the pod's entries are cleared, then replayed from 0. Without a replay
-endpoint a gap or restart clears the pod's entries, since stale entries would misroute.
+Every (pod, rank) stream has its sequence tracked (:mod:`kvaware_scorer.streams`): a gap
+asks the pod's replay endpoint (ROUTER; we use a DEALER) for the missing batches; a
+sequence that goes backwards means the engine restarted: the pod's entries are cleared,
+then replayed from 0. Without a replay endpoint a gap or restart clears the pod's entries,
+since stale entries would misroute.
 Live messages that arrive during a replay are buffered (bounded) and applied after it.
 
 Bad input never stops the thread: it is counted per pod and reason, logged at most once
@@ -32,9 +33,8 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -45,7 +45,8 @@ from kvaware_scorer.events import BlockStored, EventBatch
 from kvaware_scorer.hash_check import HashCheck
 from kvaware_scorer.index import PrefixIndex
 from kvaware_scorer.ratelimit import RateLimitedLogger
-from kvaware_scorer.wire import DEFAULT_MAX_PAYLOAD_BYTES, END_SEQ, decode_frames, decode_payload
+from kvaware_scorer.streams import StreamSync, _Stream
+from kvaware_scorer.wire import DEFAULT_MAX_PAYLOAD_BYTES, decode_frames
 
 logger = logging.getLogger(__name__)
 
@@ -75,24 +76,7 @@ class PodSource:
                 rank_endpoint(self.replay_endpoint, rank)
 
 
-@dataclass(eq=False)
-class _Stream:
-    """Sequence state of one (pod, rank) publisher."""
-
-    pod: str
-    rank: int
-    replay_endpoint: str | None
-    expected: int | None = None
-    dealer: Any = None
-    replaying: bool = False
-    replay_from: int = 0
-    replay_next: int = 0
-    replay_deadline: float = 0.0
-    replay_cooldown_until: float = 0.0
-    buffered: deque[tuple[int, EventBatch]] = field(default_factory=deque)
-
-
-class KVEventListener:
+class KVEventListener(StreamSync):
     """Consumes vLLM KV events into a :class:`PrefixIndex`.
 
     Nothing happens at construction. :meth:`start` binds and starts the thread (and
@@ -414,68 +398,6 @@ class KVEventListener:
         host = pod.rsplit(":", 1)[0] if ":" in pod else pod
         return f"tcp://{host}:{self._bind_replay_port + rank}"
 
-    def _on_message(self, stream: _Stream, seq: int, batch: EventBatch) -> None:
-        if stream.replaying:
-            if len(stream.buffered) >= self._max_buffered:
-                self._count("buffer_drops")
-                self._warn.warning(
-                    f"{stream.pod}:buffer", "replay buffer full for %s; clearing it", stream.pod
-                )
-                self._abort_replay(stream, clear=True)
-                self._apply(stream, seq, batch)
-                return
-            stream.buffered.append((seq, batch))
-            return
-        expected = stream.expected
-        can_replay = self._can_replay(stream)
-        if expected is None:
-            if seq != 0:
-                self._count("joined_mid_stream")
-                if can_replay:
-                    self._begin_replay(stream, 0, seq, batch)
-                    return
-            self._apply(stream, seq, batch)
-        elif seq == expected:
-            self._apply(stream, seq, batch)
-        elif seq > expected:
-            self._count("gaps")
-            self._warn.warning(
-                f"{stream.pod}:gap",
-                "sequence gap from %s rank %d: expected %d, got %d",
-                stream.pod,
-                stream.rank,
-                expected,
-                seq,
-            )
-            if can_replay:
-                self._begin_replay(stream, expected, seq, batch)
-                return
-            self._count("cleared_on_gap")
-            self.index.clear_pod(stream.pod, stream.rank)
-            self._apply(stream, seq, batch)
-        else:
-            self._count("rewinds")
-            self._count("cleared_on_rewind")
-            logger.info(
-                "pod %s rank %d restarted (sequence %d after %d); clearing its entries",
-                stream.pod,
-                stream.rank,
-                seq,
-                expected - 1,
-            )
-            self.index.clear_pod(stream.pod, stream.rank)
-            if seq != 0 and can_replay:
-                self._begin_replay(stream, 0, seq, batch)
-                return
-            self._apply(stream, seq, batch)
-
-    def _can_replay(self, stream: _Stream) -> bool:
-        return (
-            self._replay
-            and stream.replay_endpoint is not None
-            and time.monotonic() >= stream.replay_cooldown_until
-        )
-
     def _apply(self, stream: _Stream, seq: int, batch: EventBatch) -> None:
         stream.expected = seq + 1
         self._count("batches")
@@ -523,110 +445,3 @@ class KVEventListener:
                     result.hint,
                 )
             return
-
-    # ------------------------------------------------------------------ replay
-
-    def _begin_replay(self, stream: _Stream, from_seq: int, seq: int, batch: EventBatch) -> None:
-        """Ask the pod's ROUTER for every batch from ``from_seq``; buffer live ones meanwhile."""
-        assert stream.replay_endpoint is not None
-        self._count("replays")
-        self._close_dealer(stream)
-        dealer = self._ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.MAXMSGSIZE, self._max_bytes + 4096)
-        dealer.connect(stream.replay_endpoint)
-        dealer.send_multipart([b"", from_seq.to_bytes(8, "big")])
-        self._poller.register(dealer, zmq.POLLIN)
-        self._dealers[dealer] = stream
-        stream.dealer = dealer
-        stream.replaying = True
-        stream.replay_from = stream.replay_next = from_seq
-        stream.buffered.clear()
-        stream.buffered.append((seq, batch))
-        stream.replay_deadline = time.monotonic() + self._replay_timeout_s
-        logger.info("replaying %s rank %d from sequence %d", stream.pod, stream.rank, from_seq)
-
-    def _close_dealer(self, stream: _Stream) -> None:
-        dealer = stream.dealer
-        if dealer is not None:
-            stream.dealer = None
-            self._poller.unregister(dealer)
-            dealer.close(linger=0)
-            self._dealers.pop(dealer, None)
-
-    def _check_replay_deadlines(self, now: float) -> None:
-        for stream in list(self._dealers.values()):
-            if stream.replaying and now > stream.replay_deadline:
-                self._count("replay_timeouts")
-                self._warn.warning(
-                    f"{stream.pod}:replay_timeout",
-                    "replay from %s rank %d timed out; clearing its entries",
-                    stream.pod,
-                    stream.rank,
-                )
-                stream.replay_cooldown_until = now + self._replay_cooldown_s
-                self._abort_replay(stream, clear=True)
-            if not stream.replaying:
-                self._close_dealer(stream)
-
-    def _read_dealer(self, dealer: Any, stream: _Stream) -> None:
-        for _ in range(1024):
-            try:
-                frames = dealer.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if not stream.replaying:
-                return
-            stream.replay_deadline = time.monotonic() + self._replay_timeout_s
-            if len(frames) < 3 or len(frames[-2]) != 8:
-                self._error(stream.pod, "bad_replay_frame", f"{len(frames)} frames")
-                continue
-            seq = int.from_bytes(frames[-2], "big")
-            if seq == END_SEQ:
-                self._finish_replay(stream)
-                return
-            if seq < stream.replay_next:
-                continue
-            if seq > stream.replay_next:
-                # The pod no longer holds the batches we asked for: history is lost.
-                self._count("replays_incomplete")
-                self._warn.warning(
-                    f"{stream.pod}:replay_incomplete",
-                    "replay from %s rank %d starts at %d, not %d; entries may be incomplete",
-                    stream.pod,
-                    stream.rank,
-                    seq,
-                    stream.replay_next,
-                )
-                if stream.replay_from > 0:
-                    self.index.clear_pod(stream.pod, stream.rank)
-            try:
-                batch = decode_payload(frames[-1], max_bytes=self._max_bytes)
-            except WireError as exc:
-                self._error(stream.pod, exc.reason, str(exc))
-                stream.replay_next = seq + 1
-                continue
-            stream.replay_next = seq + 1
-            self._apply(stream, seq, batch)
-
-    def _finish_replay(self, stream: _Stream) -> None:
-        stream.replaying = False
-        self._close_dealer(stream)
-        stream.expected = stream.replay_next
-        buffered = list(stream.buffered)
-        stream.buffered.clear()
-        for seq, batch in buffered:
-            if stream.expected is not None and seq < stream.expected:
-                continue
-            self._on_message(stream, seq, batch)
-
-    def _abort_replay(self, stream: _Stream, *, clear: bool) -> None:
-        stream.replaying = False
-        self._close_dealer(stream)
-        if clear:
-            self.index.clear_pod(stream.pod, stream.rank)
-        buffered = list(stream.buffered)
-        stream.buffered.clear()
-        stream.expected = None
-        for seq, batch in buffered:
-            self._apply(stream, seq, batch)
