@@ -93,14 +93,6 @@ class ResidencyStore:
             masks[tier] &= ~bit
             self._store(key, masks)
 
-    def _clear_all_tiers(self, key: int, bit: int) -> None:
-        old = self._entries.get(key)
-        if old is None:
-            return
-        masks = [bit] if old.__class__ is int else self._unpack(old)
-        for tier in range(len(masks)):
-            self._clear(key, tier, bit)
-
     @staticmethod
     def _unpack(value: Residency | None) -> list[int]:
         if value is None:

@@ -101,6 +101,11 @@ _ALGORITHMS: Final[dict[str, tuple[_Serializer, _Digester]]] = {
 }
 
 
+def digest_function(hash_algo: str) -> Callable[[bytes], bytes]:
+    """The digest (SHA-256 or XXH3-128) of one of vLLM's hash algorithms."""
+    return _ALGORITHMS[hash_algo][1]
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

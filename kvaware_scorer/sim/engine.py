@@ -62,6 +62,7 @@ from kvaware_scorer.vllm_hash import (
     TAG_CACHE_SALT,
     TAG_LORA,
     VllmHashSettings,
+    digest_function,
     event_hash_int,
     none_hash,
     serialize_block_input,
@@ -359,9 +360,7 @@ class _VllmHasher:
         self._algo = settings.hash_algo
         self._root = none_hash(settings)
         self._block_size = settings.block_size
-        self._digest: Callable[[bytes], bytes] = (
-            _sha256 if settings.hash_algo.startswith("sha256") else _xxh3_128
-        )
+        self._digest: Callable[[bytes], bytes] = digest_function(settings.hash_algo)
 
     def root(self, lora: str | None, salt: str | None, lora_path: str | None) -> bytes:
         return self._root
@@ -391,15 +390,6 @@ class _VllmHasher:
             )
             st.hashes.append(event_hash_int(parent))
         st.chain = parent
-
-
-def _sha256(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def _xxh3_128(data: bytes) -> bytes:
-    digest: bytes = xxhash.xxh3_128_digest(data)
-    return digest
 
 
 # --------------------------------------------------------------------------------------
