@@ -33,6 +33,7 @@ from kvaware_scorer.residency import (
     GPU,
     SPECULATIVE,
     Residency,
+    weigh_prefix,
 )
 
 logger = logging.getLogger(__name__)
@@ -364,7 +365,6 @@ class PrefixIndex(EventApplier):
         owners = self._bit_owner
         weights = self._weights
         names = self._tier_names
-        gpu_weight = weights[GPU]
         results: dict[str, PrefixMatch] = {}
         for depth, dropped_mask in drops:
             if not depth:
@@ -377,19 +377,7 @@ class PrefixIndex(EventApplier):
                 if owner is None:
                     continue
                 pod, rank = owner
-                weighted = gpu_weight * depth
-                tiers: dict[str, int] = {"gpu": depth}
-                for at, value in special:
-                    if at >= depth:
-                        break
-                    best = -1
-                    for tier in range(len(value) - 1):
-                        if value[tier + 1] & bit and (best < 0 or weights[tier] > weights[best]):
-                            best = tier
-                    if best != GPU:
-                        weighted += weights[best] - gpu_weight
-                        tiers["gpu"] -= 1
-                        tiers[names[best]] = tiers.get(names[best], 0) + 1
+                weighted, tiers = weigh_prefix(bit, depth, special, weights, names)
                 current = results.get(pod)
                 if current is None or weighted > current.weighted_blocks:
                     results[pod] = PrefixMatch(
@@ -398,7 +386,7 @@ class PrefixIndex(EventApplier):
                         total,
                         self.block_size,
                         weighted,
-                        {k: v for k, v in tiers.items() if v},
+                        tiers,
                         rank,
                     )
         for pod in wanted:

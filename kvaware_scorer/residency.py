@@ -12,7 +12,7 @@ A mixin of :class:`kvaware_scorer.index.PrefixIndex`, which owns the state and t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 GPU, CPU, SPECULATIVE = 0, 1, 2
 BUILTIN_TIERS = ("gpu", "cpu", "speculative")
@@ -22,6 +22,36 @@ DEFAULT_OTHER_TIER_WEIGHT = 0.5
 _INTERN_LIMIT = 1 << 16
 
 Residency = int | tuple[int, ...]
+
+
+def weigh_prefix(
+    bit: int,
+    depth: int,
+    special: Sequence[tuple[int, tuple[int, ...]]],
+    weights: Sequence[float],
+    names: Sequence[str],
+) -> tuple[float, dict[str, int]]:
+    """Tier-weighted length of a slot's ``depth``-block prefix, and blocks per tier.
+
+    Blocks held as a plain GPU mask weigh the GPU weight; ``special`` lists the
+    (position, tuple value) of the walked blocks stored as tuples, where the slot's best
+    tier counts.
+    """
+    gpu_weight = weights[GPU]
+    weighted = gpu_weight * depth
+    tiers: dict[str, int] = {"gpu": depth}
+    for at, value in special:
+        if at >= depth:
+            break
+        best = -1
+        for tier in range(len(value) - 1):
+            if value[tier + 1] & bit and (best < 0 or weights[tier] > weights[best]):
+                best = tier
+        if best != GPU:
+            weighted += weights[best] - gpu_weight
+            tiers["gpu"] -= 1
+            tiers[names[best]] = tiers.get(names[best], 0) + 1
+    return weighted, {k: v for k, v in tiers.items() if v}
 
 
 class ResidencyStore:
