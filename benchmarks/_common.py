@@ -16,6 +16,7 @@ Workload model (used by every benchmark that builds or streams events):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -37,6 +38,7 @@ BLOCKS_PER_EVENT = 64
 MODEL = "bench-model"
 ENGINE_ROOT = 0x5BD1E9955BD1E995  # parent of block 0 for the stand-in engine hash
 _T0 = time.monotonic()
+_LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -96,6 +98,51 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def pin_process(cpus: set[int]) -> bool:
+    """Pin every existing thread of this process to ``cpus`` (threads made later inherit).
+
+    ``os.sched_setaffinity(0, ...)`` moves only the calling thread on Linux, so each task
+    in ``/proc/self/task`` is moved. Returns False where affinity is not supported.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return False
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        with contextlib.suppress(OSError):  # the thread exited meanwhile
+            os.sched_setaffinity(tid, cpus)
+    return True
+
+
+def _git_state() -> dict[str, Any]:
+    """Commit of the checkout and whether the package has uncommitted changes."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "kvaware_scorer"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"git_head": None}
+    return {"git_head": head, "package_uncommitted_changes": bool(dirty)}
+
+
 def environment() -> dict[str, Any]:
     import msgspec
     import xxhash
@@ -108,6 +155,10 @@ def environment() -> dict[str, Any]:
         "pyzmq": zmq.__version__,
         "cpus": os.cpu_count(),
         "switch_interval_s": sys.getswitchinterval(),
+        # Other work on the machine skews latency figures; this shows whether there was any.
+        "loadavg_1m_at_start": None if _LOAD_AT_START is None else round(_LOAD_AT_START, 2),
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        **_git_state(),
     }
 
 

@@ -45,6 +45,7 @@ from _common import (
     environment,
     log,
     peak_rss_bytes,
+    pin_process,
 )
 
 from kvaware_scorer.events import EventBatch
@@ -162,10 +163,10 @@ def publisher_main(
     for ``release`` before closing, so batches still queued in ZeroMQ are delivered."""
     from kvaware_scorer.publisher import EventPublisher
 
-    if avoid_cpu is not None and hasattr(os, "sched_setaffinity"):
-        others = os.sched_getaffinity(0) - {avoid_cpu}
+    if avoid_cpu is not None and hasattr(os, "sched_getaffinity"):
+        others = set(range(os.cpu_count() or 1)) - {avoid_cpu}
         if others:
-            os.sched_setaffinity(0, others)
+            pin_process(others)
     publishers = [
         EventPublisher(endpoint, topic=f"kv@pod-{i}@{MODEL}", hwm=1_000_000, bind=False)
         for i in range(pods)
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(os, "sched_setaffinity"):
         cpus = sorted(os.sched_getaffinity(0))
         pin_cpu = args.cpu if args.cpu is not None else cpus[-1]
-        os.sched_setaffinity(0, {pin_cpu})
+        pin_process({pin_cpu})
 
     passes = []
     index = PrefixIndex(block_size=16, default_model=MODEL)
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     if args.zmq:
         if pin_cpu is not None:
-            os.sched_setaffinity(0, {pin_cpu})
+            pin_process({pin_cpu})
         report["zmq_end_to_end"] = zmq_run(args, pin_cpu, warm_n)
         log(f"zmq: {report['zmq_end_to_end'].get('blocks_per_s', 0):,} blocks/s")
     report["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)

@@ -23,8 +23,7 @@ from itertools import islice
 from typing import Any
 
 from kvaware_scorer.errors import ConfigError
-from kvaware_scorer.events import engine_key
-from kvaware_scorer.ingest import EventApplier, HeldRec, _Slot
+from kvaware_scorer.ingest import EventApplier, HeldRec, _Slot, held_key
 from kvaware_scorer.keys import KeyHasher
 from kvaware_scorer.residency import (
     BUILTIN_TIERS,
@@ -399,7 +398,7 @@ class PrefixIndex(EventApplier):
     def holds(self, pod: str, block_hash: int | bytes, *, rank: int = 0) -> bool:
         """Whether the slot (pod, rank) currently holds this engine hash on any tier."""
         slot = self._slots.get((pod, rank))
-        return slot is not None and engine_key(block_hash) in slot.held
+        return slot is not None and held_key(block_hash) in slot.held
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvaware_scorer.events import AllBlocksCleared, BlockStored, KVEvent, engine_key
+from kvaware_scorer.events import AllBlocksCleared, BlockHash, BlockStored, KVEvent, engine_key
 from kvaware_scorer.keys import KeyHasher, token_bytes
 from kvaware_scorer.residency import GPU, ResidencyStore
 
@@ -30,6 +30,15 @@ PREFIX_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attentio
 # (parent request key, token bytes of the unfinished index block, its extras by kind)
 Tail = tuple[int, bytes, tuple[bytes, ...]]
 _SALT, _MM, _TAIL = 0, 1, 2  # extras kinds, in the order keys.block_extras writes them
+# Engine keys are held by their low 60 bits: an int below 2**60 is a 32-byte object, a
+# full 64-bit one 36 bytes (48 after the allocator rounds it), and the chance of two of a
+# pod's blocks sharing 60 bits is negligible (about 1e-6 at 1M blocks on one pod).
+HELD_KEY_MASK = (1 << 60) - 1
+
+
+def held_key(block_hash: BlockHash) -> int:
+    """How a slot's ``held`` map keys an engine block hash (see ``HELD_KEY_MASK``)."""
+    return engine_key(block_hash) & HELD_KEY_MASK
 
 
 class _Held:
@@ -148,11 +157,11 @@ class EventApplier(ResidencyStore):
         if parent is None:
             state: Tail | None = (self.hasher.root(self._namespace(slot, event)), b"", ())
         else:
-            state = self._resolve(slot, engine_key(parent))
+            state = self._resolve(slot, held_key(parent))
         held = slot.held
-        self._reannounce = parent is None and all(engine_key(h) in held for h in hashes)
+        self._reannounce = parent is None and all(held_key(h) in held for h in hashes)
         if state is None:
-            self._park_orphan(slot, engine_key(parent), event, tier)  # type: ignore[arg-type]
+            self._park_orphan(slot, held_key(parent), event, tier)  # type: ignore[arg-type]
             return
         self._index_blocks(slot, event, tier, state, stored_now)
         if slot.orphans:
@@ -199,7 +208,7 @@ class EventApplier(ResidencyStore):
         if size == self.block_size and not pending and extras is None and tier == GPU:
             keys = hasher.chain(parent_key, data)
             for h, key in zip(event.block_hashes, keys, strict=True):
-                ek = engine_key(h)
+                ek = held_key(h)
                 old = held.get(ek)
                 if old is None:
                     held[ek] = key
@@ -233,7 +242,7 @@ class EventApplier(ResidencyStore):
             carried = parts.get(len(keys)) if pending else None
             pending_extra = tuple(carried) if carried else ()
             tail = (parent_key, pending, pending_extra) if pending else None
-            ek = engine_key(h)
+            ek = held_key(h)
             old = held.get(ek)
             if old is None:
                 if tier == GPU and tail is None and len(keys) == 1:
@@ -298,7 +307,7 @@ class EventApplier(ResidencyStore):
         """A token-less ``BlockStored`` (offload placeholder): known blocks gain a tier."""
         self._reannounce = True  # a placeholder for a tier already held only refreshes
         for h in hashes:
-            ek = engine_key(h)
+            ek = held_key(h)
             old = slot.held.get(ek)
             if old is None:
                 self._count("placeholder_unknown", slot.pod)
@@ -310,7 +319,7 @@ class EventApplier(ResidencyStore):
         tier = self.tier_id(event.medium)
         held = slot.held
         for h in event.block_hashes:
-            ek = engine_key(h)
+            ek = held_key(h)
             rec = held.get(ek)
             if rec is None:
                 self._count("remove_unknown", slot.pod)
@@ -352,20 +361,20 @@ class EventApplier(ResidencyStore):
         slot.orphan_blocks += n
 
     def _adopt_orphans(self, slot: _Slot, event: BlockStored, stored_now: set[int]) -> None:
-        todo = [engine_key(h) for h in event.block_hashes]
+        todo = [held_key(h) for h in event.block_hashes]
         while todo and slot.orphans:
             waiting = slot.orphans.pop(todo.pop(), None)
             if not waiting:
                 continue
             for orphan, tier in waiting:
                 slot.orphan_blocks -= len(orphan.block_hashes)
-                parent = engine_key(orphan.parent_block_hash)  # type: ignore[arg-type]
+                parent = held_key(orphan.parent_block_hash)  # type: ignore[arg-type]
                 state = self._resolve(slot, parent)
                 if state is None:
                     continue
                 self._index_blocks(slot, orphan, tier, state, stored_now)
                 self._count("orphans_resolved", slot.pod, len(orphan.block_hashes))
-                todo.extend(engine_key(h) for h in orphan.block_hashes)
+                todo.extend(held_key(h) for h in orphan.block_hashes)
 
 
 def _event_extras(

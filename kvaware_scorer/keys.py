@@ -3,8 +3,8 @@
 The index is keyed by these, never by vLLM's engine hashes, so a deployment's vLLM hash
 algorithm, ``PYTHONHASHSEED`` or version cannot break matching. A key is
 
-    key_i = xxh3_64(block_token_bytes_i [+ 0xff + extras_i], seed=key_{i-1})
-    key_-1 = root = xxh3_64("kvaware\\0" + hash_seed + "\\0" + namespace)
+    key_i = xxh3_64(block_token_bytes_i [+ 0xff + extras_i], seed=key_{i-1}) mod 2**60
+    key_-1 = root = xxh3_64("kvaware\\0" + hash_seed + "\\0" + namespace) mod 2**60
 
 where the token bytes are the block's token ids as little-endian uint32 and the
 namespace is the model name, or the LoRA adapter name for an adapter's blocks.
@@ -26,6 +26,10 @@ from xxhash import xxh3_64_intdigest
 from kvaware_scorer.errors import KVAwareError
 
 _EXTRA_SEP = b"\xff"
+# Keys keep the low 60 bits of the xxh3-64 digest: an int below 2**60 is a 32-byte object
+# (a full 64-bit int takes 48 after allocator rounding), which matters at millions of keys;
+# at 10M keys the chance of any collision is below 1e-4.
+KEY_MASK = (1 << 60) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +93,7 @@ class KeyHasher:
         """The parent of block 0 for a model (or LoRA adapter) namespace."""
         key = self._roots.get(namespace)
         if key is None:
-            key = xxh3_64_intdigest(f"kvaware\0{self.hash_seed}\0{namespace}".encode())
+            key = xxh3_64_intdigest(f"kvaware\0{self.hash_seed}\0{namespace}".encode()) & KEY_MASK
             if len(self._roots) < self._MAX_ROOTS:
                 self._roots[namespace] = key
         return key
@@ -112,14 +116,14 @@ class KeyHasher:
         h = parent
         if not extras:
             for offset in range(0, end, bb):
-                h = xxh3_64_intdigest(data[offset : offset + bb], h)
+                h = xxh3_64_intdigest(data[offset : offset + bb], h) & KEY_MASK
                 append(h)
             return out
         block = first_block
         for offset in range(0, end, bb):
             extra = extras.get(block)
             chunk = data[offset : offset + bb]
-            h = xxh3_64_intdigest(chunk + _EXTRA_SEP + extra if extra else chunk, h)
+            h = xxh3_64_intdigest(chunk + _EXTRA_SEP + extra if extra else chunk, h) & KEY_MASK
             append(h)
             block += 1
         return out
