@@ -12,6 +12,7 @@ Every key is documented in ``docs/configuration.md``; a test keeps the two in st
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -209,20 +210,27 @@ def load_config(
         del extra  # other top-level keys belong to the host router
     if source is None:
         source = {}
-    return _convert(PipelineConfig, source, path)  # type: ignore[no-any-return]
+    try:
+        return _convert(PipelineConfig, source, path)  # type: ignore[no-any-return]
+    except RecursionError:
+        raise ConfigError(f"{path or 'config'}: nested too deeply") from None
 
 
 def read_yaml(path: Path) -> Any:
     import yaml
 
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a configuration") from None
 
 
 def _join(path: str, key: str) -> str:
@@ -296,6 +304,13 @@ def _scalar(tp: Any, value: Any, where: str, meta: Mapping[str, Any]) -> Any:
                 value = int(value) if tp is int else float(value)
             except ValueError:
                 raise ConfigError(f"{where}: must be a number, got {value!r}") from None
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            try:
+                float(value)
+            except OverflowError:
+                raise ConfigError(f"{where}: {value} is too large for a number") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))

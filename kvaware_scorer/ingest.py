@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvaware_scorer.errors import KVAwareError
 from kvaware_scorer.events import AllBlocksCleared, BlockHash, BlockStored, KVEvent, engine_key
 from kvaware_scorer.keys import KeyHasher, token_bytes
 from kvaware_scorer.residency import GPU, ResidencyStore
@@ -163,7 +164,11 @@ class EventApplier(ResidencyStore):
         if state is None:
             self._park_orphan(slot, held_key(parent), event, tier)  # type: ignore[arg-type]
             return
-        self._index_blocks(slot, event, tier, state, stored_now)
+        try:
+            self._index_blocks(slot, event, tier, state, stored_now)
+        except KVAwareError:  # token ids outside uint32: malformed input
+            self._count("bad_tokens", pod, len(hashes))
+            return
         if slot.orphans:
             self._reannounce = False
             self._adopt_orphans(slot, event, stored_now)
@@ -323,6 +328,8 @@ class EventApplier(ResidencyStore):
             rec = held.get(ek)
             if rec is None:
                 self._count("remove_unknown", slot.pod)
+                if slot.orphans:
+                    self._forget_orphan_block(slot, ek)
                 continue
             if rec.__class__ is int:
                 if tier != GPU:
@@ -360,6 +367,22 @@ class EventApplier(ResidencyStore):
         slot.orphans.setdefault(parent_ek, []).append((event, tier))
         slot.orphan_blocks += n
 
+    def _forget_orphan_block(self, slot: _Slot, ek: int) -> None:
+        """A parked store lost one of its blocks: adopting it later would make that block
+        a stale entry, so the whole parked event is dropped (counted)."""
+        for parent, waiting in list(slot.orphans.items()):
+            kept = []
+            for orphan, tier in waiting:
+                if any(held_key(h) == ek for h in orphan.block_hashes):
+                    slot.orphan_blocks -= len(orphan.block_hashes)
+                    self._count("orphans_dropped", slot.pod, len(orphan.block_hashes))
+                else:
+                    kept.append((orphan, tier))
+            if kept:
+                slot.orphans[parent] = kept
+            else:
+                del slot.orphans[parent]
+
     def _adopt_orphans(self, slot: _Slot, event: BlockStored, stored_now: set[int]) -> None:
         todo = [held_key(h) for h in event.block_hashes]
         while todo and slot.orphans:
@@ -372,7 +395,11 @@ class EventApplier(ResidencyStore):
                 state = self._resolve(slot, parent)
                 if state is None:
                     continue
-                self._index_blocks(slot, orphan, tier, state, stored_now)
+                try:
+                    self._index_blocks(slot, orphan, tier, state, stored_now)
+                except KVAwareError:
+                    self._count("bad_tokens", slot.pod, len(orphan.block_hashes))
+                    continue
                 self._count("orphans_resolved", slot.pod, len(orphan.block_hashes))
                 todo.extend(held_key(h) for h in orphan.block_hashes)
 
@@ -413,4 +440,7 @@ def _event_extras(
             else:
                 parts.append((0, _TAIL, b"x" + repr(item).encode() + b"\x00"))
         out.append(parts)
+    missing = len(event.block_hashes) - len(out)
+    if missing > 0:  # a malformed event with fewer extra-key entries than hashes
+        out.extend([] for _ in range(missing))
     return out

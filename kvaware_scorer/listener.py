@@ -50,6 +50,7 @@ from kvaware_scorer.wire import DEFAULT_MAX_PAYLOAD_BYTES, decode_frames
 
 logger = logging.getLogger(__name__)
 
+_MAX_ERROR_LABELS = 256
 BatchCallback = Callable[[str, int, int, EventBatch], None]
 
 
@@ -97,6 +98,7 @@ class KVEventListener(StreamSync):
         replay_cooldown_s: float = 30.0,
         max_buffered_batches: int = 10_000,
         max_queued_messages: int = 10_000,
+        max_dp_ranks: int = 64,
         known_pods: Callable[[], Collection[str]] | None = None,
         max_message_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         poll_interval_ms: int = 50,
@@ -114,6 +116,7 @@ class KVEventListener(StreamSync):
         self._replay_cooldown_s = replay_cooldown_s
         self._max_buffered = max_buffered_batches
         self._rcvhwm = max_queued_messages
+        self._max_dp_ranks = max_dp_ranks
         self._known_pods = known_pods
         self._max_bytes = max_message_bytes
         self._poll_ms = poll_interval_ms
@@ -212,6 +215,8 @@ class KVEventListener(StreamSync):
         self._stats[name] = self._stats.get(name, 0) + n
 
     def _error(self, pod: str, reason: str, detail: str) -> None:
+        if pod not in self._errors and len(self._errors) >= _MAX_ERROR_LABELS:
+            pod = "other"  # peers choose pod names: keep the label set bounded
         per_pod = self._errors.setdefault(pod, {})
         per_pod[reason] = per_pod.get(reason, 0) + 1
         self._count("decode_errors")
@@ -284,7 +289,11 @@ class KVEventListener(StreamSync):
                         self._read_sub(sock, mode)
                 for dealer, stream in list(dealers.items()):
                     if dealer in ready:
-                        self._read_dealer(dealer, stream)
+                        try:
+                            self._read_dealer(dealer, stream)
+                        except Exception:  # a bug, not input: keep the thread alive
+                            self._count("handler_errors")
+                            logger.exception("replay from %s failed", stream.pod)
                 now = time.monotonic()
                 if now >= next_housekeeping:
                     next_housekeeping = now + 0.05
@@ -377,6 +386,9 @@ class KVEventListener(StreamSync):
                     )
                     continue
                 rank = batch.data_parallel_rank or 0
+                if not 0 <= rank < self._max_dp_ranks:
+                    self._error("bind", "bad_rank", f"data_parallel_rank {rank} from {pod!r}")
+                    continue
                 stream = self._streams.get((pod, rank))
                 if stream is None:
                     if model is not None:
@@ -390,7 +402,11 @@ class KVEventListener(StreamSync):
                     source = self._sources.get(owner[0])
                     if parsed and parsed[1] and source is not None and source.model is None:
                         self.index.set_pod(owner[0], model=parsed[1])
-            self._on_message(stream, message.seq, batch)
+            try:
+                self._on_message(stream, message.seq, batch)
+            except Exception:  # a bug, not input: count it, keep reading
+                self._count("handler_errors")
+                logger.exception("handling a message from %s failed; message dropped", stream.pod)
 
     def _bind_replay_endpoint(self, pod: str, rank: int) -> str | None:
         if self._bind_replay_port is None:

@@ -141,7 +141,16 @@ class StreamSync:
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.MAXMSGSIZE, self._max_bytes + 4096)
-        dealer.connect(stream.replay_endpoint)
+        try:
+            dealer.connect(stream.replay_endpoint)
+        except zmq.ZMQError as exc:  # e.g. a replay address derived from a bad pod name
+            dealer.close(linger=0)
+            self._error(stream.pod, "bad_replay_endpoint", f"{stream.replay_endpoint}: {exc}")
+            stream.replay_endpoint = None
+            self._count("cleared_on_gap")
+            self.index.clear_pod(stream.pod, stream.rank)
+            self._apply(stream, seq, batch)
+            return
         dealer.send_multipart([b"", from_seq.to_bytes(8, "big")])
         self._poller.register(dealer, zmq.POLLIN)
         self._dealers[dealer] = stream
@@ -163,6 +172,15 @@ class StreamSync:
 
     def _check_replay_deadlines(self, now: float) -> None:
         for stream in list(self._dealers.values()):
+            overdue = stream.replaying and now > stream.replay_deadline
+            if overdue and stream.dealer is not None and stream.dealer.poll(0):
+                # The answer is there; the thread was busy with other pods. Not a timeout.
+                self._read_dealer(stream.dealer, stream)
+                if not stream.replaying:
+                    self._close_dealer(stream)
+                    continue
+                stream.replay_deadline = time.monotonic() + self._replay_timeout_s
+                continue
             if stream.replaying and now > stream.replay_deadline:
                 self._count("replay_timeouts")
                 self._warn.warning(

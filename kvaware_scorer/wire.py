@@ -61,6 +61,11 @@ DEFAULT_MAX_PAYLOAD_BYTES: Final[int] = 16 * 1024 * 1024
 """Largest payload :func:`decode_payload` accepts by default (16 MiB)."""
 
 END_SEQ: Final[int] = 2**64 - 1
+# Past this many malformed events, the whole batch is refused (``bad_batch``).
+MAX_BAD_EVENTS: Final[int] = 64
+# A scheduler step emits one BlockStored per request and one BlockRemoved per evicted
+# block; a batch that is not well formed and declares more events than this is refused.
+MAX_EVENTS_PER_BATCH: Final[int] = 16_384
 """Sequence number of the replay end marker (``ff`` * 8, i.e. -1 as a signed int64)."""
 
 REASONS: Final[frozenset[str]] = frozenset(
@@ -458,7 +463,28 @@ def _decode_event(raw: msgspec.Raw) -> KVEvent:
     _bad_event(f"event refused: {refusal}")  # only if the Python check is looser than msgspec
 
 
+def _declared_events(payload: bytes) -> int | None:
+    """The event count a batch's header declares (``[ts float64, events, ...]``), or None."""
+    if len(payload) < 11 or payload[0] not in (0x92, 0x93) or payload[1] != 0xCB:
+        return None
+    head = payload[10]
+    if 0x90 <= head <= 0x9F:
+        return head & 0x0F
+    if head == 0xDC and len(payload) >= 13:
+        return int.from_bytes(payload[11:13], "big")
+    if head == 0xDD and len(payload) >= 15:
+        return int.from_bytes(payload[11:15], "big")
+    return None
+
+
 def _decode_slow(payload: bytes) -> EventBatch:
+    declared = _declared_events(payload)
+    # (Each event takes at least one byte: a larger count is a truncated payload, below.)
+    if declared is not None and MAX_EVENTS_PER_BATCH < declared <= len(payload):
+        # Decoding event by event costs memory per event: refuse absurd batches up front.
+        raise WireError(
+            "too_large", f"batch declares {declared} events; at most {MAX_EVENTS_PER_BATCH}"
+        )
     try:
         batch = _raw_batch_decoder.decode(payload)
     except msgspec.ValidationError as exc:
@@ -481,6 +507,11 @@ def _decode_slow(payload: bytes) -> EventBatch:
             events.append(_decode_event(raw))
         except WireError as exc:
             errors.append(exc.reason)
+            if len(errors) > MAX_BAD_EVENTS:
+                # A batch of mostly junk: stop paying for it (CPU and memory per byte).
+                raise WireError(
+                    "bad_batch", f"more than {MAX_BAD_EVENTS} malformed events in one batch"
+                ) from None
             logger.debug(
                 "dropped event %d of batch ts=%s: %s: %s", index, batch.ts, exc.reason, exc
             )

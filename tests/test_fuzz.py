@@ -13,10 +13,9 @@ Properties:
   multiple of the payload size.
 
 CI runs a fixed, derandomized number of examples per test (``FUZZ_EXAMPLES``; the whole
-file runs in well under a minute). Known bugs found by this fuzzing are pinned by
-``xfail(strict=True)`` tests at the end of each section, and the fuzz strategies steer
-around exactly those inputs (documented where it happens) so the properties stay strong
-for everything else.
+file runs in well under a minute). The bugs this fuzzing found are fixed and kept as
+regression tests at the end of each section; the fuzz strategies still route exactly
+those inputs to the regression tests (documented where it happens).
 """
 
 from __future__ import annotations
@@ -347,7 +346,7 @@ KNOWN_INDEX_BUGS: dict[str, int] = {"token_id_out_of_range": 0, "short_extra_key
 
 
 def known_index_bug(event: KVEvent) -> str | None:
-    """Events that make PrefixIndex.apply raise today (each pinned by an xfail test below)."""
+    """Inputs covered by the regression tests below (they once made PrefixIndex.apply raise)."""
     if not isinstance(event, BlockStored):
         return None
     if any(not 0 <= t < 2**32 for t in event.token_ids):
@@ -578,12 +577,6 @@ def _stored_payload(**fields: Any) -> bytes:
     return encode([1.0, [event], 0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the decoder accepts any msgpack int as a token id, and PrefixIndex.apply "
-    "then raises KVAwareError (ingest._index_blocks -> keys.token_bytes packs uint32); the "
-    "listener drops the whole batch as apply_errors after applying the events before it",
-)
 @pytest.mark.parametrize("token", [-1, 2**32, UINT64_MAX])
 def test_index_survives_token_ids_out_of_uint32(token: int) -> None:
     batch = decode_payload(_stored_payload(token_ids=[token] * 16))
@@ -592,24 +585,12 @@ def test_index_survives_token_ids_out_of_uint32(token: int) -> None:
     index.apply("pod-a", batch.events)  # must not raise: drop (and count) the event
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an extra_keys list shorter than block_hashes makes PrefixIndex.apply raise "
-    "IndexError (ingest._index_blocks reads extras[j] for every block)",
-)
 def test_index_survives_extra_keys_shorter_than_block_hashes() -> None:
     payload = _stored_payload(block_hashes=[1, 2], token_ids=[3] * 32, extra_keys=[["salt"]])
     batch = decode_payload(payload)
     small_index().apply("pod-a", batch.events)  # must not raise
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a payload of N one-byte bad events is decoded event by event (a "
-    "msgspec.Raw per event, three decoders each, one error string each): ~64 bytes of "
-    "memory and ~3 us of listener CPU per payload byte, i.e. ~1 GB and ~45 s for one "
-    "16 MiB message",
-)
 def test_all_bad_events_payload_costs_memory_proportional_to_its_size() -> None:
     n = 1 << 16
     payload = b"\x92\xcb" + struct.pack(">d", 1.0) + b"\xdd" + struct.pack(">I", n) + b"\xc0" * n
@@ -836,21 +817,11 @@ def test_fuzz_config_yaml_files(text: str) -> None:
 # ------------------------------------------------------------------- known bugs (config)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an int beyond float range in a float field (YAML `replay_timeout_s: 1000...0`)"
-    " raises OverflowError from config._scalar's float(value), not ConfigError",
-)
 def test_config_int_beyond_float_range_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         load_config({"listener": {"replay_timeout_s": 10**400}})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: NaN passes every range check (comparisons with NaN are false): "
-    "`replay_timeout_s: .nan` or `tier_weights: {gpu: .nan}` load without error",
-)
 @pytest.mark.parametrize(
     "source",
     [
@@ -865,11 +836,6 @@ def test_config_nan_is_refused(source: dict[str, Any]) -> None:
         load_config(source)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.read_yaml catches only yaml.YAMLError: a deeply nested YAML file "
-    "raises RecursionError",
-)
 def test_config_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "deep.yaml"
     path.write_text("[" * 5000 + "]" * 5000)
@@ -877,11 +843,6 @@ def test_config_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
         load_config(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.read_yaml catches only OSError from read_text: a file that is not "
-    "UTF-8 raises UnicodeDecodeError",
-)
 def test_config_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes(b"index: {hash_seed: caf\xe9}\n")

@@ -7,10 +7,10 @@ Asserted, as the design guarantees them:
   delay, listener restart with a new index, pod removed and re-added) and its 2 s recovery
   window, the index holds exactly what each engine caches: precision and recall >= 99.9 %;
 * without replay, no stale entry survives an engine restart: precision >= 99.9 % on the
-  restarted pod (the other pods can hold stale entries from the orphan gap pinned below).
+  restarted pod.
 
 A mechanism the soak exposed (stale entries resurrected from parked orphans, which only
-shows without replay) is pinned below by a deterministic ``xfail(strict=True)`` test.
+showed without replay) is fixed; a deterministic regression test below keeps it so.
 """
 
 from __future__ import annotations
@@ -99,14 +99,6 @@ def test_the_faults_really_happened(soak: dict[str, Any]) -> None:
         assert sum(p["truth"] for p in m["per_pod"].values()) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a BlockRemoved for a block parked as an orphan (parent unknown, e.g. after "
-    "a gap cleared the pod or an incomplete replay) is counted remove_unknown and ignored "
-    "(ingest._removed); when the parent is stored again, the orphan is adopted and the "
-    "evicted block becomes a stale entry (soak: precision 0.94 without replay, 0.84 with "
-    "a replay buffer smaller than the history)",
-)
 def test_removed_orphan_is_not_resurrected_when_its_parent_arrives() -> None:
     index = PrefixIndex(block_size=16, default_model="m")
     parent, child = 111, 222
