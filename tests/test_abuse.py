@@ -16,12 +16,13 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
+from waiting import wait_for
 
 from kvaware_scorer.config import PipelineConfig, config_keys
 from kvaware_scorer.events import BlockStored, EventBatch
@@ -35,14 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "kvaware_scorer"
 DEADLINE_S = 10.0
 M = "m"
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 class Chain:

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import wait_for as _wait_for
 
 from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.hookspecs import hookimpl
@@ -56,15 +57,8 @@ RULES = " ".join(f"Rule {i}: answer politely and cite handbook section {i}." for
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = DEADLINE_S) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        threading.Event().wait(0.02)  # a poll interval, not a synchronisation
+    """``waiting.wait_for`` with this module's longer deadline."""
+    return _wait_for(condition, what, timeout_s)
 
 
 def http_json(

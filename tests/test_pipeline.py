@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from builders import stored
 from test_manager import calls, install_plugins, quiet_config
+from waiting import wait_for
 
 from kvaware_scorer.errors import KVAwareError
 from kvaware_scorer.events import EventBatch
@@ -36,15 +37,6 @@ DEADLINE_S = 10.0
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
-    """Poll ``condition`` until it holds or the deadline passes (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 class Chain:

@@ -19,7 +19,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -27,6 +27,7 @@ import redis
 import test_index as behaviour
 from builders import stored
 from redis_server import RedisServer, redis_server_fixture  # noqa: F401  (the fixture)
+from waiting import wait_for
 
 from kvaware_scorer.errors import ConfigError, KVAwareError
 from kvaware_scorer.events import AllBlocksCleared, BlockRemoved, EventBatch
@@ -46,14 +47,6 @@ DEADLINE_S = 10.0
 
 def fresh_namespace() -> str:
     return f"test-{next(_namespaces)}"
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def removed(hashes: Sequence[int], medium: str | None = None) -> BlockRemoved:
