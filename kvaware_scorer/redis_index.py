@@ -973,19 +973,7 @@ class RedisIndexReader:
 
     # ------------------------------------------------------------------ reads
 
-    def keys(
-        self,
-        token_ids: Sequence[int],
-        model: str,
-        *,
-        lora_name: str | None = None,
-        cache_salt: str | None = None,
-        mm_items: Iterable[Any] = (),
-    ) -> list[int]:
-        """Request keys of a prompt, exactly as the writer's :meth:`PrefixIndex.keys`."""
-        return self.hasher.request_keys(
-            token_ids, lora_name or model, cache_salt=cache_salt, mm_items=mm_items
-        )
+    keys = PrefixIndex.keys  # same hasher settings as the writer, checked at start-up
 
     def match(
         self, keys: Sequence[int], pods: Iterable[str] | None = None

@@ -182,8 +182,8 @@ _generic_decoder: Final = msgspec.msgpack.Decoder()
 
 
 def _convert(ev: _MapEvent | _ArrayEvent) -> KVEvent:
-    """The events.py dataclass for a typed event."""
-    if isinstance(ev, _MapBlockStored):
+    """The events.py dataclass for a typed event (array events lack the newer fields)."""
+    if isinstance(ev, (_MapBlockStored, _ArrayBlockStored)):
         return BlockStored(
             ev.block_hashes,
             ev.parent_block_hash,
@@ -196,29 +196,19 @@ def _convert(ev: _MapEvent | _ArrayEvent) -> KVEvent:
             ev.group_idx,
             ev.kv_cache_spec_kind,
             ev.kv_cache_spec_sliding_window,
-            ev.locality,
-            ev.ownership,
-            ev.session_id,
-            ev.lookahead_token_ids,
+            getattr(ev, "locality", None),
+            getattr(ev, "ownership", None),
+            getattr(ev, "session_id", None),
+            getattr(ev, "lookahead_token_ids", None),
         )
-    if isinstance(ev, _MapBlockRemoved):
-        return BlockRemoved(ev.block_hashes, ev.medium, ev.group_idx, ev.locality, ev.ownership)
-    if isinstance(ev, _ArrayBlockStored):
-        return BlockStored(
+    if isinstance(ev, (_MapBlockRemoved, _ArrayBlockRemoved)):
+        return BlockRemoved(
             ev.block_hashes,
-            ev.parent_block_hash,
-            ev.token_ids,
-            ev.block_size,
-            ev.lora_id,
             ev.medium,
-            ev.lora_name,
-            ev.extra_keys,
             ev.group_idx,
-            ev.kv_cache_spec_kind,
-            ev.kv_cache_spec_sliding_window,
+            getattr(ev, "locality", None),
+            getattr(ev, "ownership", None),
         )
-    if isinstance(ev, _ArrayBlockRemoved):
-        return BlockRemoved(ev.block_hashes, ev.medium, ev.group_idx)
     return AllBlocksCleared()
 
 

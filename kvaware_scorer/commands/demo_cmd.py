@@ -118,12 +118,21 @@ def policy_factories(
 
 
 def run(args: argparse.Namespace) -> int:
+    return run_comparison_command(args, "demo")
+
+
+def run_comparison_command(
+    args: argparse.Namespace, command: str, config: str | None = None
+) -> int:
+    """Build, run and report a comparison (``demo``; ``bench`` adds the user's config)."""
     try:
         comparison = build(args)
-        factories = policy_factories(args, comparison)
+        factories = policy_factories(args, comparison, config=config)
+        if config is not None:
+            factories[-1]()  # validate the user's config before the long run
         results = run_comparison(comparison, factories, progress=None if args.quiet else sys.stderr)
     except KVAwareError as exc:
-        print(f"kvaware-scorer demo: {exc}", file=sys.stderr)
+        print(f"kvaware-scorer {command}: {exc}", file=sys.stderr)
         return 2
     print(format_table(results))
     if args.output is not None:
