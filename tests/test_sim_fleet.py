@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,29 @@ def test_other_workloads_generate_seeded_requests(name: str) -> None:
     assert [r.token_ids for r in first] == [r.token_ids for r in second]
     assert all(isinstance(r, SimRequest) and r.token_ids for r in first)
     assert all(a.arrival_s < b.arrival_s for a, b in itertools.pairwise(first))
+
+
+def test_engine_parameters_from_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvaware_scorer.sim.profiles import engine_from_yaml
+
+    good = tmp_path / "engine.yaml"
+    good.write_text("profile: llama-8b-1xh100\nnum_gpu_blocks: 9000\nstep_time: {base_s: 0.02}\n")
+    engine = engine_from_yaml(good)
+    base = profile("llama-8b-1xh100")
+    assert engine.num_gpu_blocks == 9000 and engine.step_time.base_s == 0.02
+    assert engine.step_time.per_prefill_token_s == base.step_time.per_prefill_token_s
+    args = ["--qps", "10", "--duration", "5", "--pods", "2", "--scale", "0.05", "--quiet"]
+    assert main(["demo", *args, "--policies", "random", "--engine-config", str(good)]) == 0
+    for text, message in [
+        ("num_gpu_blockz: 5\n", "num_gpu_blockz"),
+        ("step_time: {base: 1}\n", "step_time: unknown key(s) base"),
+        ("profile: nope\n", "unknown engine profile"),
+        ("num_gpu_blocks: 0\n", "num_gpu_blocks"),
+        ("- a\n", "must be a mapping"),
+    ]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            engine_from_yaml(bad)
+    assert main(["demo", *args, "--engine-config", str(bad)]) == 2
+    assert "must be a mapping" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from kvaware_scorer.sim.compare import (
 )
 from kvaware_scorer.sim.fleet import Policy
 from kvaware_scorer.sim.policies import BUILTIN_POLICIES, make_policy, user_policy
-from kvaware_scorer.sim.profiles import PROFILES, profile
+from kvaware_scorer.sim.profiles import PROFILES, engine_from_yaml, profile
 from kvaware_scorer.sim.workloads import WORKLOADS, workload
 
 DEMO_QPS = "6,9,12"
@@ -55,6 +55,12 @@ def add_common(parser: argparse.ArgumentParser, *, default_workload: str = "shar
         default="qwen3-32b-2xh100",
         choices=sorted(PROFILES),
         help="engine profile (qwen3-32b-2xh100)",
+    )
+    parser.add_argument(
+        "--engine-config",
+        type=Path,
+        default=None,
+        help="YAML with engine settings (profile, num_gpu_blocks, step_time, ...)",
     )
     parser.add_argument(
         "--scale",
@@ -90,7 +96,12 @@ def build(args: argparse.Namespace, extra: list[tuple[str, str]] | None = None) 
         raise KVAwareError("--scale must be in (0, 4]")
     if args.duration <= 0:
         raise KVAwareError("--duration must be positive")
-    engine = scale_engine(profile(args.profile), args.scale)
+    base = (
+        engine_from_yaml(args.engine_config, args.profile)
+        if args.engine_config is not None
+        else profile(args.profile)
+    )
+    engine = scale_engine(base, args.scale)
     spec = workload(args.workload, scale=args.scale)
     return Comparison(spec, engine, args.pods, sorted(qps), args.duration, seed=args.seed)
 

@@ -42,14 +42,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
 from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.sim.engine import EngineConfig
-from kvaware_scorer.sim.steptime import LLAMA_8B_1XH100_STEP, QWEN3_32B_2XH100_STEP
+from kvaware_scorer.sim.steptime import (
+    LLAMA_8B_1XH100_STEP,
+    QWEN3_32B_2XH100_STEP,
+    StepTimeModel,
+)
 
-__all__ = ["PROFILES", "profile"]
+__all__ = ["PROFILES", "engine_from_yaml", "profile"]
 
 QWEN3_32B_2XH100: Final = EngineConfig(
     num_gpu_blocks=19_208,
@@ -102,3 +107,42 @@ def profile(name: str, **overrides: Any) -> EngineConfig:
             f"fields: {', '.join(sorted(known))}"
         )
     return dataclasses.replace(base, **overrides)
+
+
+def engine_from_yaml(path: str | Path, default_profile: str = "qwen3-32b-2xh100") -> EngineConfig:
+    """An engine from a YAML file: ``profile`` (a name above, default ``default_profile``),
+    then any :class:`EngineConfig` field to override, with ``step_time`` as a mapping of
+    :class:`StepTimeModel` fields, e.g.::
+
+        profile: qwen3-32b-2xh100
+        num_gpu_blocks: 12000
+        step_time: {base_s: 0.015, per_prefill_token_s: 0.00012}
+
+    Unknown keys and bad values raise :class:`ConfigError` naming the key.
+    """
+    from kvaware_scorer.config import read_yaml
+
+    raw = read_yaml(Path(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of engine settings")
+    fields = dict(raw)
+    name = fields.pop("profile", default_profile)
+    base = profile(str(name))
+    step = fields.pop("step_time", None)
+    if step is not None:
+        if not isinstance(step, dict):
+            raise ConfigError(f"{path}: step_time must be a mapping")
+        known = {f.name for f in dataclasses.fields(StepTimeModel)}
+        unknown = sorted(set(step) - known)
+        if unknown:
+            raise ConfigError(
+                f"{path}: step_time: unknown key(s) {', '.join(map(str, unknown))}; "
+                f"allowed: {', '.join(sorted(known))}"
+            )
+        fields["step_time"] = dataclasses.replace(base.step_time, **step)
+    try:
+        return profile(str(name), **fields)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
